@@ -1,0 +1,170 @@
+"""Collect per-channel statistics inside a model's forward pass with forward hooks."""
+
+import contextlib
+import inspect
+
+import torch
+from torch import nn
+
+from .stats import ChannelStats
+
+DEFAULT_MODULE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CAPTURE = ("input", "output", "both")
+
+
+def channel_axis(module):
+    """The channel axis of a module's input and output activations: the last dim for Linear (and
+    anything else), dim 1 of a batched ConvNd tensor (written -(N+1), so unbatched inputs work)."""
+    for n, cls in ((1, nn.Conv1d), (2, nn.Conv2d), (3, nn.Conv3d),
+                   (1, nn.ConvTranspose1d), (2, nn.ConvTranspose2d), (3, nn.ConvTranspose3d)):
+        if isinstance(module, cls):
+            return -(n + 1)
+    return -1
+
+
+def _first_tensor(obj):
+    """The first floating-point tensor in a (nested) tuple/list/dict, or None."""
+    if isinstance(obj, torch.Tensor):
+        return obj if obj.is_floating_point() else None
+    if isinstance(obj, (tuple, list)):
+        for o in obj:
+            t = _first_tensor(o)
+            if t is not None:
+                return t
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            t = _first_tensor(o)
+            if t is not None:
+                return t
+    return None
+
+
+def _select(model, modules):
+    named = list(model.named_modules())
+    if modules is None:
+        return [(n, m) for n, m in named if isinstance(m, DEFAULT_MODULE_TYPES)]
+    if isinstance(modules, type):
+        modules = (modules,)
+    if isinstance(modules, tuple) and all(isinstance(t, type) for t in modules):
+        return [(n, m) for n, m in named if isinstance(m, modules)]
+    if callable(modules):
+        try:
+            two = len(inspect.signature(modules).parameters) >= 2
+        except (TypeError, ValueError):
+            two = False
+        if two:
+            return [(n, m) for n, m in named if modules(n, m)]
+        return [(n, m) for n, m in named if modules(m)]
+    if isinstance(modules, str):
+        modules = [modules]
+    names = list(modules)
+    by_name = dict(named)
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        known = [n for n, _ in named if n][:8]
+        raise ValueError(f"calibfast: no module named {unknown} in the model; its modules include {known}"
+                         f"{' ...' if len(named) > 9 else ''}")
+    return [(n, by_name[n]) for n in names]
+
+
+class Collector:
+    """What :func:`collect` yields: ``inputs`` and ``outputs`` map module name -> ChannelStats for
+    the sides captured; ``collector[name]`` is the captured side (the input when both are)."""
+
+    def __init__(self, capture):
+        self.capture = capture
+        self.inputs = {}
+        self.outputs = {}
+
+    @property
+    def _primary(self):
+        return self.outputs if self.capture == "output" else self.inputs
+
+    def __getitem__(self, name):
+        try:
+            return self._primary[name]
+        except KeyError:
+            raise KeyError(f"calibfast: no statistics for module {name!r}; collected: "
+                           f"{list(self._primary)[:8]}") from None
+
+    def __contains__(self, name):
+        return name in self._primary
+
+    def __iter__(self):
+        return iter(self._primary)
+
+    def __len__(self):
+        return len(self._primary)
+
+    def keys(self):
+        return self._primary.keys()
+
+    def items(self):
+        return self._primary.items()
+
+    def values(self):
+        return self._primary.values()
+
+    def reset(self):
+        for s in list(self.inputs.values()) + list(self.outputs.values()):
+            s.reset()
+
+    def state_dict(self):
+        return {
+            "inputs": {k: v.state_dict() for k, v in self.inputs.items() if v.initialized},
+            "outputs": {k: v.state_dict() for k, v in self.outputs.items() if v.initialized},
+        }
+
+    def __repr__(self):
+        return f"Collector(capture={self.capture!r}, modules={len(self)})"
+
+
+@contextlib.contextmanager
+def collect(model, *, capture="input", modules=None, axis=None, backend="dispatch"):
+    """Attach forward hooks that fold activations into per-channel statistics.
+
+    Args:
+        model: an ``nn.Module``.
+        capture: ``"input"``, ``"output"`` or ``"both"``.
+        modules: which modules to hook: ``None`` (every nn.Linear and nn.Conv1d/2d/3d), a list
+            of module names, a type or tuple of types, or a predicate ``f(module)`` or
+            ``f(name, module)``.
+        axis: the channel axis to use for every hooked module (default: :func:`channel_axis`).
+        backend: passed to every :class:`ChannelStats` (``"reference"`` forces pure torch).
+
+    Yields a :class:`Collector`. Hooks are removed on exit, also when the body raises; the
+    statistics stay in the collector.
+    """
+    if capture not in _CAPTURE:
+        raise ValueError(f"calibfast: capture must be one of {_CAPTURE}, got {capture!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"calibfast: collect expects an nn.Module, got {type(model).__name__}")
+    selected = _select(model, modules)
+    col = Collector(capture)
+    want_in = capture in ("input", "both")
+    want_out = capture in ("output", "both")
+    handles = []
+    try:
+        for name, mod in selected:
+            ax = channel_axis(mod) if axis is None else axis
+            s_in = col.inputs.setdefault(name, ChannelStats(axis=ax, backend=backend)) if want_in else None
+            s_out = col.outputs.setdefault(name, ChannelStats(axis=ax, backend=backend)) if want_out else None
+            handles.append(mod.register_forward_hook(_make_hook(s_in, s_out)))
+        yield col
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _make_hook(s_in, s_out):
+    def hook(module, args, output):
+        if s_in is not None:
+            t = _first_tensor(args)
+            if t is not None:
+                s_in.update(t)
+        if s_out is not None:
+            t = _first_tensor(output)
+            if t is not None:
+                s_out.update(t)
+
+    return hook

@@ -1,0 +1,251 @@
+// The CPU kernels of channel_stats_update. This file is included several times by
+// channel_stats.cpp, each time inside its own namespace under a different `#pragma GCC target`
+// (baseline x86-64, AVX2+FMA+F16C, AVX-512), and the best variant the processor supports is chosen
+// once at run time. The loops are written so that GCC vectorises them (check with
+// -fopt-info-vec): no branches in the hot loops, restrict pointers, fixed-width lane arrays.
+//
+// Hot path: values are assumed finite and folded into fresh chunk accumulators with plain
+// compare/select and add; a cheap OR of `(v - v) != (v - v)` notes whether any value was NaN or
+// +-Inf. A chunk that saw one is thrown away and redone by the masked scalar path, which also
+// counts the non-finite values. So finite data pays nothing for NaN/Inf handling, and data with
+// non-finite values is still exact (only slower, on the chunks that hold them).
+//
+// Sums: each chunk sums at most kChunk values per channel (or per lane) in the accumulation type
+// (float for 16/32-bit inputs), then adds the chunk sum into float64. The relative error of a
+// chunk sum is at most about kChunk * 2^-24 (in practice ~sqrt(kChunk) * 2^-24); beyond a chunk,
+// float64 carries 2^-53 per addition, so 10^9 values lose nothing that matters.
+
+// Expects channel_stats.cpp to have defined before it: kChunk, kLanes, the Load* structs, Slot.
+
+template <typename acc_t>
+static inline void fold_chunk(const Slot<acc_t>& s, int64_t c0, int64_t n, const acc_t* __restrict__ cmn,
+                              const acc_t* __restrict__ cmx, const acc_t* __restrict__ camn,
+                              const acc_t* __restrict__ csum, const acc_t* __restrict__ csabs,
+                              const acc_t* __restrict__ cssq) {
+  for (int64_t c = 0; c < n; ++c) {
+    const int64_t k = c0 + c;
+    s.mn[k] = cmn[c] < s.mn[k] ? cmn[c] : s.mn[k];
+    s.mx[k] = cmx[c] > s.mx[k] ? cmx[c] : s.mx[k];
+    s.amn[k] = camn[c] < s.amn[k] ? camn[c] : s.amn[k];
+    s.sum[k] += static_cast<double>(csum[c]);
+    s.sabs[k] += static_cast<double>(csabs[c]);
+    s.ssq[k] += static_cast<double>(cssq[c]);
+  }
+}
+
+template <typename acc_t>
+static inline void init_chunk(int64_t n, acc_t* __restrict__ cmn, acc_t* __restrict__ cmx,
+                              acc_t* __restrict__ camn, acc_t* __restrict__ csum, acc_t* __restrict__ csabs,
+                              acc_t* __restrict__ cssq) {
+  const acc_t inf = std::numeric_limits<acc_t>::infinity();
+  for (int64_t c = 0; c < n; ++c) {
+    cmn[c] = inf;
+    cmx[c] = -inf;
+    camn[c] = inf;
+    csum[c] = 0;
+    csabs[c] = 0;
+    cssq[c] = 0;
+  }
+}
+
+// ---- row kernels: rows of channels, unit or constant channel stride --------------------------
+
+// Folds R rows (pointers p[0..R)) over channels [0, n) into the chunk accumulators, assuming
+// finite values; returns non-zero when some value was not finite.
+template <class Ld, int R, bool kUnit>
+static inline int rows_fast(const typename Ld::in_t* const* p, int64_t n, int64_t cs,
+                            typename Ld::acc_t* __restrict__ cmn, typename Ld::acc_t* __restrict__ cmx,
+                            typename Ld::acc_t* __restrict__ camn, typename Ld::acc_t* __restrict__ csum,
+                            typename Ld::acc_t* __restrict__ csabs, typename Ld::acc_t* __restrict__ cssq) {
+  using acc_t = typename Ld::acc_t;
+  int bad = 0;
+  const typename Ld::in_t* __restrict__ p0 = p[0];
+  const typename Ld::in_t* __restrict__ p1 = p[R > 1 ? 1 : 0];
+  const typename Ld::in_t* __restrict__ p2 = p[R > 2 ? 2 : 0];
+  const typename Ld::in_t* __restrict__ p3 = p[R > 3 ? 3 : 0];
+  for (int64_t c = 0; c < n; ++c) {
+    const int64_t o = kUnit ? c : c * cs;
+    acc_t mn = cmn[c], mx = cmx[c], amn = camn[c], s = csum[c], sa = csabs[c], sq = cssq[c];
+#define CALIBFAST_FOLD(ptr)                  \
+  {                                          \
+    const acc_t v = Ld::load(ptr[o]);        \
+    const acc_t a = std::fabs(v);            \
+    mn = v < mn ? v : mn;                    \
+    mx = v > mx ? v : mx;                    \
+    amn = a < amn ? a : amn;                 \
+    s += v;                                  \
+    sa += a;                                 \
+    sq += v * v;                             \
+    bad |= ((v - v) != (v - v));             \
+  }
+    CALIBFAST_FOLD(p0)
+    if (R > 1) CALIBFAST_FOLD(p1)
+    if (R > 2) CALIBFAST_FOLD(p2)
+    if (R > 3) CALIBFAST_FOLD(p3)
+#undef CALIBFAST_FOLD
+    cmn[c] = mn;
+    cmx[c] = mx;
+    camn[c] = amn;
+    csum[c] = s;
+    csabs[c] = sa;
+    cssq[c] = sq;
+  }
+  return bad;
+}
+
+// Masked scalar path: finite values into the slot directly (sums in float64), non-finite counted.
+template <class Ld>
+static void row_slow(const typename Ld::in_t* p, int64_t c0, int64_t n, int64_t cs, const Slot<typename Ld::acc_t>& s) {
+  using acc_t = typename Ld::acc_t;
+  for (int64_t c = 0; c < n; ++c) {
+    const acc_t v = Ld::load(p[c * cs]);
+    const int64_t k = c0 + c;
+    if (std::isnan(v)) {
+      s.nan[k] += 1;
+    } else if (std::isinf(v)) {
+      s.inf[k] += 1;
+    } else {
+      const acc_t a = std::fabs(v);
+      s.mn[k] = v < s.mn[k] ? v : s.mn[k];
+      s.mx[k] = v > s.mx[k] ? v : s.mx[k];
+      s.amn[k] = a < s.amn[k] ? a : s.amn[k];
+      const double d = static_cast<double>(v);
+      s.sum[k] += d;
+      s.sabs[k] += std::fabs(d);
+      s.ssq[k] += d * d;
+    }
+  }
+}
+
+// Rows [r0, r1) x channels [c0, c0 + n) into slot `s`. `scratch` holds 6 * n acc_t.
+template <class Ld, bool kUnit>
+static void rows_range(const typename Ld::in_t* base, const calibfast::Layout& L, int64_t r0, int64_t r1,
+                       int64_t c0, int64_t n, const Slot<typename Ld::acc_t>& s, typename Ld::acc_t* scratch) {
+  using in_t = typename Ld::in_t;
+  using acc_t = typename Ld::acc_t;
+  const int64_t cs = L.channel_stride;
+  acc_t* cmn = scratch;
+  acc_t* cmx = scratch + n;
+  acc_t* camn = scratch + 2 * n;
+  acc_t* csum = scratch + 3 * n;
+  acc_t* csabs = scratch + 4 * n;
+  acc_t* cssq = scratch + 5 * n;
+  for (int64_t rc = r0; rc < r1; rc += kChunk) {
+    const int64_t re = std::min(r1, rc + kChunk);
+    init_chunk(n, cmn, cmx, camn, csum, csabs, cssq);
+    int bad = 0;
+    int64_t r = rc;
+    const in_t* p[4];
+    for (; r + 4 <= re; r += 4) {
+      for (int i = 0; i < 4; ++i) p[i] = base + L.offsets(r + i) + c0 * cs;
+      bad |= rows_fast<Ld, 4, kUnit>(p, n, cs, cmn, cmx, camn, csum, csabs, cssq);
+    }
+    for (; r < re; ++r) {
+      p[0] = base + L.offsets(r) + c0 * cs;
+      bad |= rows_fast<Ld, 1, kUnit>(p, n, cs, cmn, cmx, camn, csum, csabs, cssq);
+    }
+    if (!bad) {
+      fold_chunk(s, c0, n, cmn, cmx, camn, csum, csabs, cssq);
+    } else {
+      for (r = rc; r < re; ++r) row_slow<Ld>(base + L.offsets(r) + c0 * cs, c0, n, cs, s);
+    }
+  }
+}
+
+// ---- run kernels: one channel's contiguous run of values -------------------------------------
+
+// Folds a contiguous run of n values of one channel into channel k of the slot.
+template <class Ld>
+static void run_fold(const typename Ld::in_t* __restrict__ p, int64_t n, int64_t k, const Slot<typename Ld::acc_t>& s) {
+  using acc_t = typename Ld::acc_t;
+  const acc_t inf = std::numeric_limits<acc_t>::infinity();
+  constexpr int64_t kBlock = kChunk * kLanes;
+  for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
+    const int64_t bn = std::min(n - b0, kBlock);
+    const typename Ld::in_t* __restrict__ q = p + b0;
+    acc_t mn[kLanes], mx[kLanes], amn[kLanes], sm[kLanes], sa[kLanes], sq[kLanes];
+    int bad[kLanes];
+    for (int l = 0; l < kLanes; ++l) {
+      mn[l] = inf;
+      mx[l] = -inf;
+      amn[l] = inf;
+      sm[l] = 0;
+      sa[l] = 0;
+      sq[l] = 0;
+      bad[l] = 0;
+    }
+    int64_t i = 0;
+    for (; i + kLanes <= bn; i += kLanes) {
+      for (int l = 0; l < kLanes; ++l) {
+        const acc_t v = Ld::load(q[i + l]);
+        const acc_t a = std::fabs(v);
+        mn[l] = v < mn[l] ? v : mn[l];
+        mx[l] = v > mx[l] ? v : mx[l];
+        amn[l] = a < amn[l] ? a : amn[l];
+        sm[l] += v;
+        sa[l] += a;
+        sq[l] += v * v;
+        bad[l] |= ((v - v) != (v - v));
+      }
+    }
+    for (int l = 0; i < bn; ++i, ++l) {
+      const acc_t v = Ld::load(q[i]);
+      const acc_t a = std::fabs(v);
+      mn[l] = v < mn[l] ? v : mn[l];
+      mx[l] = v > mx[l] ? v : mx[l];
+      amn[l] = a < amn[l] ? a : amn[l];
+      sm[l] += v;
+      sa[l] += a;
+      sq[l] += v * v;
+      bad[l] |= ((v - v) != (v - v));
+    }
+    int any_bad = 0;
+    for (int l = 0; l < kLanes; ++l) any_bad |= bad[l];
+    if (any_bad) {
+      for (int64_t j = 0; j < bn; ++j) row_slow<Ld>(q + j, k, 1, 0, s);
+      continue;
+    }
+    acc_t rmn = inf, rmx = -inf, ramn = inf;
+    double rs = 0, rsa = 0, rsq = 0;
+    for (int l = 0; l < kLanes; ++l) {
+      rmn = mn[l] < rmn ? mn[l] : rmn;
+      rmx = mx[l] > rmx ? mx[l] : rmx;
+      ramn = amn[l] < ramn ? amn[l] : ramn;
+      rs += static_cast<double>(sm[l]);
+      rsa += static_cast<double>(sa[l]);
+      rsq += static_cast<double>(sq[l]);
+    }
+    s.mn[k] = rmn < s.mn[k] ? rmn : s.mn[k];
+    s.mx[k] = rmx > s.mx[k] ? rmx : s.mx[k];
+    s.amn[k] = ramn < s.amn[k] ? ramn : s.amn[k];
+    s.sum[k] += rs;
+    s.sabs[k] += rsa;
+    s.ssq[k] += rsq;
+  }
+}
+
+// ---- entry points ------------------------------------------------------------------------------
+
+template <class Ld>
+static void rows_task(const void* data, const calibfast::Layout& L, int64_t r0, int64_t r1, int64_t c0,
+                      int64_t n, const Slot<typename Ld::acc_t>& s, typename Ld::acc_t* scratch) {
+  const auto* base = static_cast<const typename Ld::in_t*>(data);
+  if (L.channel_stride == 1) {
+    rows_range<Ld, true>(base, L, r0, r1, c0, n, s, scratch);
+  } else {
+    rows_range<Ld, false>(base, L, r0, r1, c0, n, s, scratch);
+  }
+}
+
+// Pairs [p0, p1) of (outer row q, channel c), p = q * C + c.
+template <class Ld>
+static void runs_task(const void* data, const calibfast::Layout& L, int64_t p0, int64_t p1,
+                      const Slot<typename Ld::acc_t>& s) {
+  const auto* base = static_cast<const typename Ld::in_t*>(data);
+  const int64_t C = L.channels;
+  for (int64_t pi = p0; pi < p1; ++pi) {
+    const int64_t q = pi / C;
+    const int64_t c = pi - q * C;
+    run_fold<Ld>(base + L.outer(q) + c * L.channel_stride, L.run, c, s);
+  }
+}
