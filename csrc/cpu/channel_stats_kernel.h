@@ -13,7 +13,9 @@
 // Sums: each chunk sums at most kChunk values per channel (or per lane) in the accumulation type
 // (float for 16/32-bit inputs), then adds the chunk sum into float64. The relative error of a
 // chunk sum is at most about kChunk * 2^-24 (in practice ~sqrt(kChunk) * 2^-24); beyond a chunk,
-// float64 carries 2^-53 per addition, so 10^9 values lose nothing that matters.
+// float64 carries 2^-53 per addition, so 10^9 values lose nothing that matters. A chunk whose
+// float partial sums overflow (finite values near FLT_MAX) is redone in float64 like a chunk with
+// non-finite values.
 
 // Expects channel_stats.cpp to have defined before it: kChunk, kLanes, the Load* structs, Slot.
 
@@ -144,6 +146,10 @@ static void rows_range(const typename Ld::in_t* base, const calibfast::Layout& L
       p[0] = base + L.offsets(r) + c0 * cs;
       bad |= rows_fast<Ld, 1, kUnit>(p, n, cs, cmn, cmx, camn, csum, csabs, cssq);
     }
+    // A float partial sum can overflow on huge finite values (|x|^2 beyond FLT_MAX): such a
+    // chunk is redone in float64 too. sum |x| >= |sum x|, so two checks cover all three.
+    for (int64_t c = 0; c < n; ++c) bad |= ((csabs[c] - csabs[c]) != (csabs[c] - csabs[c])) |
+                                           ((cssq[c] - cssq[c]) != (cssq[c] - cssq[c]));
     if (!bad) {
       fold_chunk(s, c0, n, cmn, cmx, camn, csum, csabs, cssq);
     } else {
@@ -200,7 +206,9 @@ static void run_fold(const typename Ld::in_t* __restrict__ p, int64_t n, int64_t
       bad[l] |= ((v - v) != (v - v));
     }
     int any_bad = 0;
-    for (int l = 0; l < kLanes; ++l) any_bad |= bad[l];
+    for (int l = 0; l < kLanes; ++l) {
+      any_bad |= bad[l] | ((sa[l] - sa[l]) != (sa[l] - sa[l])) | ((sq[l] - sq[l]) != (sq[l] - sq[l]));
+    }
     if (any_bad) {
       for (int64_t j = 0; j < bn; ++j) row_slow<Ld>(q + j, k, 1, 0, s);
       continue;

@@ -1,0 +1,411 @@
+"""The fused per-channel statistics op: native kernels against the pure-torch reference."""
+
+import math
+
+import pytest
+import torch
+
+import calibfast
+from calibfast import ChannelStats
+from calibfast import _reference
+
+from conftest import DEVICES, native_on
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+# Sums: the kernels add at most 64 values in float32 before going to float64 (CPU) or per thread
+# partials of 64 values (CUDA); the error of such a partial is below 64 * 2^-24 of the magnitude
+# of what it adds, so 1e-5 of sum |x| (the scale of every partial) bounds it. float64 input is
+# accumulated in float64 throughout.
+SUM_RTOL = {torch.float32: 1e-5, torch.float16: 1e-5, torch.bfloat16: 1e-5, torch.float64: 1e-12}
+
+
+def _make(shape, dtype, device, kind="normal", scale=1.0):
+    g = torch.Generator().manual_seed(hash((tuple(shape), str(dtype), kind)) % (2 ** 31))
+    x = torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+    if kind == "heavy":
+        x = x * torch.exp(2 * torch.randn(*shape, generator=g, dtype=torch.float64))
+    return x.to(dtype).to(device)
+
+
+def _special(x):
+    """Plants NaN, +-Inf, +-0, subnormals and huge values at fixed spots."""
+    flat = x.view(-1) if x.is_contiguous() else None
+    if flat is None or flat.numel() < 16:
+        return x
+    dt = x.dtype
+    info = torch.finfo(dt)
+    vals = [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, info.tiny / 4 if dt != torch.bfloat16 else info.tiny,
+            -info.tiny, info.max, -info.max, float("nan")]
+    n = flat.numel()
+    for i, v in enumerate(vals):
+        flat[(i * 7919 + 3) % n] = v
+    return x
+
+
+def _ref_state(x, axis):
+    s = ChannelStats(axis=axis, backend="reference")
+    s.update(x)
+    return s
+
+
+def assert_stats_match(a, b, dtype, what=""):
+    """a: native, b: reference."""
+    for name in ("min", "max", "absmin", "absmax"):
+        ta, tb = getattr(a, name).cpu(), getattr(b, name).cpu()
+        assert torch.equal(ta, tb), f"{what}{name}: {ta} != {tb}"
+    for name in ("count", "nan_count", "inf_count"):
+        ta, tb = getattr(a, name).cpu(), getattr(b, name).cpu()
+        assert torch.equal(ta, tb), f"{what}{name}: {ta} != {tb}"
+    rtol = SUM_RTOL[dtype]
+    scale = b.sum_abs.cpu()
+    for name in ("sum", "sum_abs"):
+        ta, tb = getattr(a, name).cpu(), getattr(b, name).cpu()
+        assert ((ta == tb) | ((ta - tb).abs() <= rtol * scale)).all(), f"{what}{name}: {ta} vs {tb}"
+    ta, tb = a.sum_sq.cpu(), b.sum_sq.cpu()
+    assert ((ta == tb) | ((ta - tb).abs() <= rtol * tb.abs())).all(), f"{what}sum_sq: {ta} vs {tb}"
+
+
+# (shape, axis, how to derive a view) — contiguous, odd, one element, empty, and views whose
+# layouts exercise every kernel path (rows, runs, strided, collapsed/non-collapsible dims).
+LAYOUTS = [
+    ((7,), 0, None),
+    ((1,), 0, None),
+    ((1, 1), -1, None),
+    ((0, 5), -1, None),
+    ((5, 0), -1, None),
+    ((0,), 0, None),
+    ((33, 17), -1, None),
+    ((33, 17), 0, None),
+    ((64, 256), -1, None),
+    ((3, 5, 67), -1, None),
+    ((3, 5, 67), 1, None),
+    ((3, 5, 67), 0, None),
+    ((2, 3, 9, 11), 1, None),  # NCHW conv activation: runs
+    ((2, 4, 3, 3), 1, "channels_last"),
+    ((4, 6, 40), -1, "transpose01"),  # seq-first view of [T, B, H]: non-collapsible rows
+    ((40, 24), -1, "t"),  # [N, C] view of a contiguous [C, N]: runs along the channel-major layout
+    ((40, 24), -1, "step2"),  # every other channel: strided channels
+    ((12, 50), -1, "rowstep"),  # every other row
+    ((5, 7, 3, 2), 2, "permute"),
+    ((3, 2, 2, 2, 2, 2, 2, 2, 2, 2, 3), 0, "deep"),  # more non-collapsible dims than the kernels walk
+]
+
+
+def _view(x, how):
+    if how is None:
+        return x
+    if how == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if how == "transpose01":
+        return x.transpose(0, 1)
+    if how == "t":
+        return x.t().contiguous().t()
+    if how == "step2":
+        return torch.cat([x, x], dim=-1)[:, ::2]
+    if how == "rowstep":
+        return torch.cat([x, x], dim=0)[::2]
+    if how == "permute":
+        return x.permute(3, 1, 0, 2).contiguous().permute(2, 1, 3, 0)
+    if how == "deep":
+        # every dim strided by 2: no two dims collapse
+        big = torch.zeros([2 * s for s in x.shape], dtype=x.dtype, device=x.device)
+        v = big[tuple(slice(None, None, 2) for _ in x.shape)]
+        v.copy_(x)
+        return v
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,axis,how", LAYOUTS, ids=lambda v: str(v))
+@pytest.mark.parametrize("special", [False, True], ids=["finite", "special"])
+def test_native_matches_reference(device, dtype, shape, axis, how, special):
+    if not native_on(device):
+        pytest.skip(f"no native kernel for {device}")
+    x = _make(shape, dtype, device)
+    if special:
+        x = _special(x)
+    x = _view(x, how)
+    a = ChannelStats(axis=axis).update(x)
+    b = _ref_state(x, axis)
+    assert_stats_match(a, b, dtype)
+    # a second update accumulates onto the running state
+    y = _make(shape, dtype, device, kind="heavy")
+    y = _view(y, how)
+    a.update(y)
+    b.update(y)
+    assert_stats_match(a, b, dtype, "second update: ")
+
+
+@pytest.mark.parametrize("capability", ["base", "avx2", "avx512"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,axis,how", [((67, 300), -1, None), ((2, 19, 50), 1, None), ((40, 24), -1, "step2"),
+                                            ((5, 130), 0, None)], ids=str)
+def test_every_cpu_instruction_set(monkeypatch, capability, dtype, shape, axis, how):
+    if not native_on("cpu"):
+        pytest.skip("no native CPU kernel")
+    monkeypatch.setenv("CALIBFAST_CPU_CAPABILITY", capability)
+    got = calibfast.cpu_capability()
+    assert got in ("base", "avx2", "avx512")
+    x = _special(_make(shape, dtype, "cpu", kind="heavy"))
+    x = _view(x, how)
+    assert_stats_match(ChannelStats(axis=axis).update(x), _ref_state(x, axis), dtype)
+
+
+def test_unknown_cpu_capability_is_an_error(monkeypatch):
+    if not native_on("cpu"):
+        pytest.skip("no native CPU kernel")
+    monkeypatch.setenv("CALIBFAST_CPU_CAPABILITY", "sse9")
+    with pytest.raises(RuntimeError, match="CALIBFAST_CPU_CAPABILITY"):
+        ChannelStats().update(torch.ones(3, 4))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_values_are_per_channel(device):
+    # channel c holds exactly the values c*10 + [0..rows): checks the axis is the channel axis,
+    # not the sample axis, with known answers.
+    rows, C = 37, 9
+    x = (torch.arange(C, device=device) * 10).float() + torch.arange(rows, device=device).float()[:, None]
+    x[5, 2] = float("nan")
+    x[6, 3] = float("-inf")
+    s = ChannelStats().update(x)
+    ref_min = (torch.arange(C) * 10).float()
+    ref_max = ref_min + rows - 1
+    ref_max[2] = ref_max[2]  # NaN at a middle row leaves min/max unchanged
+    assert torch.equal(s.min.cpu(), ref_min)
+    assert torch.equal(s.max.cpu(), ref_max)
+    assert torch.equal(s.count.cpu(), torch.full((C,), rows))
+    assert s.nan_count.cpu().tolist() == [0, 0, 1, 0, 0, 0, 0, 0, 0]
+    assert s.inf_count.cpu().tolist() == [0, 0, 0, 1, 0, 0, 0, 0, 0]
+    exp_sum = torch.tensor([sum(c * 10 + r for r in range(rows) if not (c == 2 and r == 5 or c == 3 and r == 6))
+                            for c in range(C)], dtype=torch.float64)
+    assert torch.equal(s.sum.cpu(), exp_sum)
+    assert torch.equal(s.finite_count.cpu(), torch.tensor([rows] * 2 + [rows - 1] * 2 + [rows] * 5))
+    assert torch.allclose(s.mean.cpu(), exp_sum / s.finite_count.cpu().double())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_all_nonfinite_channel_keeps_identities(device):
+    x = torch.full((10, 3), float("nan"), device=device)
+    x[:, 1] = float("inf")
+    x[0, 2] = -3.0
+    s = ChannelStats().update(x)
+    assert s.min.cpu().tolist() == [math.inf, math.inf, -3.0]
+    assert s.max.cpu().tolist() == [-math.inf, -math.inf, -3.0]
+    assert s.absmax.cpu().tolist() == [-math.inf, -math.inf, 3.0]
+    assert s.nan_count.cpu().tolist() == [10, 0, 9]
+    assert s.inf_count.cpu().tolist() == [0, 10, 0]
+    assert s.sum.cpu().tolist() == [0.0, 0.0, -3.0]
+    assert math.isnan(s.mean[0].item()) and s.mean[2].item() == -3.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mean_std_against_torch(device):
+    x = _make((500, 33), torch.float32, device, scale=3.0) + 2.0
+    s = ChannelStats().update(x[:200]).update(x[200:])
+    xd = x.double().cpu()
+    assert torch.allclose(s.mean.cpu(), xd.mean(0), rtol=1e-6, atol=1e-9)
+    assert torch.allclose(s.std.cpu(), xd.std(0, unbiased=False), rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_chunks_and_merge_equal_whole(device):
+    x = _special(_make((301, 45), torch.float32, device, kind="heavy"))
+    whole = ChannelStats().update(x)
+    parts = ChannelStats()
+    for i in range(0, 301, 50):
+        parts.update(x[i:i + 50])
+    assert_stats_match(parts, whole, torch.float32)
+    a = ChannelStats().update(x[:100])
+    b = ChannelStats().update(x[100:])
+    assert_stats_match(a.clone().merge(b), whole, torch.float32)
+    assert_stats_match(b.merge(a), whole, torch.float32)
+
+
+def test_merge_into_empty_and_with_empty():
+    x = torch.randn(20, 4)
+    s = ChannelStats().update(x)
+    e = ChannelStats()
+    e.merge(s)
+    assert torch.equal(e.min, s.min) and torch.equal(e.count, s.count)
+    before = s.state_dict()
+    s.merge(ChannelStats())
+    for k, v in s.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_state_dict_round_trip_and_to():
+    x = _special(_make((64, 12), torch.float32, "cpu", kind="heavy"))
+    s = ChannelStats(axis=-1).update(x)
+    d = s.state_dict()
+    t = ChannelStats(axis=0).load_state_dict(d)
+    assert t.axis == -1
+    for k, v in t.state_dict().items():
+        assert torch.equal(v, d[k]), k
+    t.update(x)
+    s.update(x)
+    assert_stats_match(t, s, torch.float32)
+    u = t.clone().to("cpu")
+    assert torch.equal(u.sum, t.sum)
+
+
+def test_load_state_dict_rejects_bad_dicts_without_change():
+    s = ChannelStats().update(torch.randn(5, 3))
+    before = s.state_dict()
+    d = dict(before)
+    del d["sum"]
+    with pytest.raises(KeyError, match="sum"):
+        s.load_state_dict(d)
+    d = dict(before)
+    d["max"] = torch.zeros(4)
+    with pytest.raises(ValueError, match="max"):
+        s.load_state_dict(d)
+    for k, v in s.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+# ---- bad input: clear errors, state unchanged ---------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["dispatch", "reference"])
+def test_bad_input_leaves_state_unchanged(backend):
+    s = ChannelStats(axis=-1, backend=backend).update(torch.randn(8, 6))
+    before = s.state_dict()
+    with pytest.raises(ValueError, match=r"holds 6 channels.*7 channels"):
+        s.update(torch.randn(8, 7))
+    with pytest.raises(TypeError, match="floating-point.*torch.int64"):
+        s.update(torch.ones(8, 6, dtype=torch.int64))
+    with pytest.raises(TypeError, match="complex64"):
+        s.update(torch.ones(8, 6, dtype=torch.complex64))
+    with pytest.raises(TypeError, match="expects a tensor"):
+        s.update([1.0] * 6)
+    with pytest.raises(ValueError, match="0-d"):
+        s.update(torch.tensor(1.0))
+    s2 = ChannelStats(axis=3, backend=backend)
+    with pytest.raises(IndexError, match="axis 3 is out of range.*rank 2"):
+        s2.update(torch.randn(8, 6))
+    assert not s2.initialized
+    for k, v in s.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    with pytest.raises(ValueError, match="holds 6 channels, the other holds 2"):
+        s.merge(ChannelStats().update(torch.randn(3, 2)))
+    for k, v in s.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def _fresh_state(C, device="cpu"):
+    s = ChannelStats(num_channels=C, device=device)
+    return s._f, s._d, s._i
+
+
+@pytest.mark.parametrize("impl", ["dispatch", "reference"])
+def test_op_checks_its_arguments(impl):
+    op = torch.ops.calibfast.channel_stats_update if impl == "dispatch" else _reference.channel_stats_update
+    f, d, i = _fresh_state(4)
+    x = torch.randn(3, 4)
+    with pytest.raises((RuntimeError, ValueError), match=r"shape \[3, 5\]"):
+        op(torch.randn(3, 5), -1, f, d, i)
+    with pytest.raises((RuntimeError, TypeError), match="fstate must be"):
+        op(x, -1, f.double(), d, i)
+    with pytest.raises((RuntimeError, TypeError), match="floating-point"):
+        op(x.int(), -1, f, d, i)
+    with pytest.raises((RuntimeError, IndexError), match="out of range"):
+        op(x, 2, f, d, i)
+    assert torch.equal(i, torch.zeros(3, 4, dtype=torch.int64))
+    assert torch.equal(d, torch.zeros(3, 4, dtype=torch.float64))
+
+
+def test_unallocated_stats_raise_clearly():
+    s = ChannelStats()
+    with pytest.raises(RuntimeError, match="seen no tensor"):
+        s.min
+    with pytest.raises(ValueError, match="backend"):
+        ChannelStats(backend="fast")
+
+
+# ---- dispatcher integration -------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_opcheck(device, dtype):
+    f, d, i = _fresh_state(16, device)
+    for x, axis in ((torch.randn(8, 16, device=device, dtype=dtype), -1),
+                    (torch.randn(2, 16, 5, device=device, dtype=dtype), 1)):
+        torch.library.opcheck(torch.ops.calibfast.channel_stats_update, (x, axis, f, d, i))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device):
+    f, d, i = _fresh_state(32, device)
+
+    def step(x, f, d, i):
+        y = torch.relu(x) * 2
+        torch.ops.calibfast.channel_stats_update(y, -1, f, d, i)
+        return y.sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    x = torch.randn(10, 32, device=device)
+    compiled(x, f, d, i)
+    compiled(x, f, d, i)
+    ref = ChannelStats(backend="reference")
+    ref.update(torch.relu(x) * 2).update(torch.relu(x) * 2)
+    assert torch.equal(f[0].cpu(), ref.min.cpu()) and torch.equal(f[1].cpu(), ref.max.cpu())
+    assert torch.equal(i.cpu(), ref._i.cpu())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_inductor(device):
+    f, d, i = _fresh_state(8, device)
+
+    @torch.compile(fullgraph=True)
+    def step(x):
+        torch.ops.calibfast.channel_stats_update(x * 3, -1, f, d, i)
+
+    x = torch.randn(6, 8, device=device)
+    step(x)
+    ref = ChannelStats(backend="reference").update(x * 3)
+    assert torch.equal(f[1].cpu(), ref.max.cpu()) and torch.equal(i.cpu(), ref._i.cpu())
+
+
+# ---- more than 2^31 elements --------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["rows", "runs"])
+def test_more_than_2_pow_31_elements(device, layout):
+    if not native_on(device):
+        pytest.skip(f"no native kernel for {device}")
+    C = 8
+    n = 2 ** 31 + 4 * C  # > 2^31 values; 4.3 GB in bfloat16
+    rows = n // C
+    shape = (rows, C) if layout == "rows" else (C, rows)  # runs: channel-major, axis 0
+    axis = -1 if layout == "rows" else 0
+    try:
+        x = torch.zeros(shape, dtype=torch.bfloat16, device=device)
+    except (RuntimeError, torch.cuda.OutOfMemoryError):
+        pytest.skip("not enough memory for a 2^31-element tensor")
+
+    def put(r, c, v):  # values planted past the 2^31st element, where 32-bit indexing would wrap
+        if layout == "rows":
+            x[r, c] = v
+        else:
+            x[c, r] = v
+
+    put(rows - 1, 3, 5.0)
+    put(rows - 2, 5, -7.0)
+    put(rows - 3, 0, float("nan"))
+    put(rows // 2, 1, float("inf"))
+    s = ChannelStats(axis=axis).update(x)
+    exp_min = torch.zeros(C)
+    exp_min[5] = -7.0
+    exp_max = torch.zeros(C)
+    exp_max[3] = 5.0
+    assert torch.equal(s.min.cpu(), exp_min)
+    assert torch.equal(s.max.cpu(), exp_max)
+    assert torch.equal(s.count.cpu(), torch.full((C,), rows))
+    assert s.nan_count.cpu().tolist() == [1, 0, 0, 0, 0, 0, 0, 0]
+    assert s.inf_count.cpu().tolist() == [0, 1, 0, 0, 0, 0, 0, 0]
+    exp_sum = torch.zeros(C, dtype=torch.float64)
+    exp_sum[3], exp_sum[5] = 5.0, -7.0
+    assert torch.equal(s.sum.cpu(), exp_sum)
+    assert s.sum_sq.cpu()[5].item() == 49.0
