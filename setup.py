@@ -71,7 +71,9 @@ def _ext_modules():
     use_cuda = have_toolkit if want_cuda is None else want_cuda
 
     cxx = ["-O0", "-g"] if debug else ["-O3"]
-    cxx += ["-std=c++20", "-fvisibility=hidden"]
+    # -fopenmp: at::parallel_for is a header template that uses `#pragma omp parallel` (torch's
+    # CPU builds use OpenMP); without the flag it silently runs on one thread.
+    cxx += ["-std=c++20", "-fvisibility=hidden", "-fopenmp"]
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     extra = {"cxx": cxx}
     include_dirs = [os.path.join(HERE, "csrc")]
@@ -109,6 +111,7 @@ def _ext_modules():
         include_dirs=include_dirs,
         define_macros=define_macros,
         extra_compile_args=extra,
+        extra_link_args=["-fopenmp"],
         py_limited_api=False,
     )
     cmdclass = {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}

@@ -5,9 +5,9 @@
 // -fopt-info-vec): no branches in the hot loops, restrict pointers, fixed-width lane arrays.
 //
 // Hot path: values are assumed finite and folded into fresh chunk accumulators with plain
-// compare/select and add; a cheap OR of `(v - v) != (v - v)` notes whether any value was NaN or
-// +-Inf. A chunk that saw one is thrown away and redone by the masked scalar path, which also
-// counts the non-finite values. So finite data pays nothing for NaN/Inf handling, and data with
+// compare/select and add; a NaN or +-Inf anywhere in a chunk makes that chunk's sum of |x|
+// non-finite, which one check per chunk and channel notices. Such a chunk is thrown away and
+// redone by the masked scalar path, which also counts the non-finite values. So finite data pays nothing for NaN/Inf handling, and data with
 // non-finite values is still exact (only slower, on the chunks that hold them).
 //
 // Sums: each chunk sums at most kChunk values per channel (or per lane) in the accumulation type
@@ -53,38 +53,31 @@ static inline void init_chunk(int64_t n, acc_t* __restrict__ cmn, acc_t* __restr
 // ---- row kernels: rows of channels, unit or constant channel stride --------------------------
 
 // Folds R rows (pointers p[0..R)) over channels [0, n) into the chunk accumulators, assuming
-// finite values; returns non-zero when some value was not finite.
+// finite values. A NaN or +-Inf makes the chunk's sum |x| non-finite, which the caller checks.
 template <class Ld, int R, bool kUnit>
-static inline int rows_fast(const typename Ld::in_t* const* p, int64_t n, int64_t cs,
-                            typename Ld::acc_t* __restrict__ cmn, typename Ld::acc_t* __restrict__ cmx,
-                            typename Ld::acc_t* __restrict__ camn, typename Ld::acc_t* __restrict__ csum,
-                            typename Ld::acc_t* __restrict__ csabs, typename Ld::acc_t* __restrict__ cssq) {
+static inline void rows_fast(const typename Ld::in_t* const* p, int64_t n, int64_t cs,
+                             typename Ld::acc_t* __restrict__ cmn, typename Ld::acc_t* __restrict__ cmx,
+                             typename Ld::acc_t* __restrict__ camn, typename Ld::acc_t* __restrict__ csum,
+                             typename Ld::acc_t* __restrict__ csabs, typename Ld::acc_t* __restrict__ cssq) {
   using acc_t = typename Ld::acc_t;
-  int bad = 0;
-  const typename Ld::in_t* __restrict__ p0 = p[0];
-  const typename Ld::in_t* __restrict__ p1 = p[R > 1 ? 1 : 0];
-  const typename Ld::in_t* __restrict__ p2 = p[R > 2 ? 2 : 0];
-  const typename Ld::in_t* __restrict__ p3 = p[R > 3 ? 3 : 0];
+  using in_t = typename Ld::in_t;
+  const in_t* __restrict__ q[8];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) q[i] = p[i < R ? i : 0];
   for (int64_t c = 0; c < n; ++c) {
     const int64_t o = kUnit ? c : c * cs;
     acc_t mn = cmn[c], mx = cmx[c], amn = camn[c], s = csum[c], sa = csabs[c], sq = cssq[c];
-#define CALIBFAST_FOLD(ptr)                  \
-  {                                          \
-    const acc_t v = Ld::load(ptr[o]);        \
-    const acc_t a = std::fabs(v);            \
-    mn = v < mn ? v : mn;                    \
-    mx = v > mx ? v : mx;                    \
-    amn = a < amn ? a : amn;                 \
-    s += v;                                  \
-    sa += a;                                 \
-    sq += v * v;                             \
-    bad |= ((v - v) != (v - v));             \
-  }
-    CALIBFAST_FOLD(p0)
-    if (R > 1) CALIBFAST_FOLD(p1)
-    if (R > 2) CALIBFAST_FOLD(p2)
-    if (R > 3) CALIBFAST_FOLD(p3)
-#undef CALIBFAST_FOLD
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      const acc_t v = Ld::load(q[i][o]);
+      const acc_t a = std::fabs(v);
+      mn = v < mn ? v : mn;
+      mx = v > mx ? v : mx;
+      amn = a < amn ? a : amn;
+      s += v;
+      sa += a;
+      sq += v * v;
+    }
     cmn[c] = mn;
     cmx[c] = mx;
     camn[c] = amn;
@@ -92,7 +85,6 @@ static inline int rows_fast(const typename Ld::in_t* const* p, int64_t n, int64_
     csabs[c] = sa;
     cssq[c] = sq;
   }
-  return bad;
 }
 
 // Masked scalar path: finite values into the slot directly (sums in float64), non-finite counted.
@@ -135,19 +127,20 @@ static void rows_range(const typename Ld::in_t* base, const calibfast::Layout& L
   for (int64_t rc = r0; rc < r1; rc += kChunk) {
     const int64_t re = std::min(r1, rc + kChunk);
     init_chunk(n, cmn, cmx, camn, csum, csabs, cssq);
-    int bad = 0;
     int64_t r = rc;
-    const in_t* p[4];
-    for (; r + 4 <= re; r += 4) {
-      for (int i = 0; i < 4; ++i) p[i] = base + L.offsets(r + i) + c0 * cs;
-      bad |= rows_fast<Ld, 4, kUnit>(p, n, cs, cmn, cmx, camn, csum, csabs, cssq);
+    const in_t* p[8];
+    for (; r + 8 <= re; r += 8) {
+      for (int i = 0; i < 8; ++i) p[i] = base + L.offsets(r + i) + c0 * cs;
+      rows_fast<Ld, 8, kUnit>(p, n, cs, cmn, cmx, camn, csum, csabs, cssq);
     }
     for (; r < re; ++r) {
       p[0] = base + L.offsets(r) + c0 * cs;
-      bad |= rows_fast<Ld, 1, kUnit>(p, n, cs, cmn, cmx, camn, csum, csabs, cssq);
+      rows_fast<Ld, 1, kUnit>(p, n, cs, cmn, cmx, camn, csum, csabs, cssq);
     }
-    // A float partial sum can overflow on huge finite values (|x|^2 beyond FLT_MAX): such a
-    // chunk is redone in float64 too. sum |x| >= |sum x|, so two checks cover all three.
+    // A NaN or +-Inf makes sum |x| non-finite; so does a float partial sum that overflowed on
+    // huge finite values (|x|^2 beyond FLT_MAX). Either way the chunk is redone by the masked
+    // float64 path (sum |x| >= |sum x|, so these two checks cover all three sums).
+    int bad = 0;
     for (int64_t c = 0; c < n; ++c) bad |= ((csabs[c] - csabs[c]) != (csabs[c] - csabs[c])) |
                                            ((cssq[c] - cssq[c]) != (cssq[c] - cssq[c]));
     if (!bad) {
@@ -170,7 +163,6 @@ static void run_fold(const typename Ld::in_t* __restrict__ p, int64_t n, int64_t
     const int64_t bn = std::min(n - b0, kBlock);
     const typename Ld::in_t* __restrict__ q = p + b0;
     acc_t mn[kLanes], mx[kLanes], amn[kLanes], sm[kLanes], sa[kLanes], sq[kLanes];
-    int bad[kLanes];
     for (int l = 0; l < kLanes; ++l) {
       mn[l] = inf;
       mx[l] = -inf;
@@ -178,7 +170,6 @@ static void run_fold(const typename Ld::in_t* __restrict__ p, int64_t n, int64_t
       sm[l] = 0;
       sa[l] = 0;
       sq[l] = 0;
-      bad[l] = 0;
     }
     int64_t i = 0;
     for (; i + kLanes <= bn; i += kLanes) {
@@ -191,7 +182,6 @@ static void run_fold(const typename Ld::in_t* __restrict__ p, int64_t n, int64_t
         sm[l] += v;
         sa[l] += a;
         sq[l] += v * v;
-        bad[l] |= ((v - v) != (v - v));
       }
     }
     for (int l = 0; i < bn; ++i, ++l) {
@@ -203,11 +193,10 @@ static void run_fold(const typename Ld::in_t* __restrict__ p, int64_t n, int64_t
       sm[l] += v;
       sa[l] += a;
       sq[l] += v * v;
-      bad[l] |= ((v - v) != (v - v));
     }
     int any_bad = 0;
     for (int l = 0; l < kLanes; ++l) {
-      any_bad |= bad[l] | ((sa[l] - sa[l]) != (sa[l] - sa[l])) | ((sq[l] - sq[l]) != (sq[l] - sq[l]));
+      any_bad |= ((sa[l] - sa[l]) != (sa[l] - sa[l])) | ((sq[l] - sq[l]) != (sq[l] - sq[l]));
     }
     if (any_bad) {
       for (int64_t j = 0; j < bn; ++j) row_slow<Ld>(q + j, k, 1, 0, s);
