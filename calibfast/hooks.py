@@ -23,7 +23,8 @@ def channel_axis(module):
 
 
 def _first_tensor(obj):
-    """The first floating-point tensor in a (nested) tuple/list/dict, or None."""
+    """The first floating-point tensor in a (nested) tuple/list/dict, or None. For a module's
+    input: the positional arguments first, then the keyword arguments."""
     if isinstance(obj, torch.Tensor):
         return obj if obj.is_floating_point() else None
     if isinstance(obj, (tuple, list)):
@@ -57,7 +58,7 @@ def _select(model, modules):
         return [(n, m) for n, m in named if modules(m)]
     if isinstance(modules, str):
         modules = [modules]
-    names = list(modules)
+    names = list(dict.fromkeys(modules))  # a name given twice is hooked once
     by_name = dict(named)
     unknown = [n for n in names if n not in by_name]
     if unknown:
@@ -149,7 +150,7 @@ def collect(model, *, capture="input", modules=None, axis=None, backend="dispatc
             ax = channel_axis(mod) if axis is None else axis
             s_in = col.inputs.setdefault(name, ChannelStats(axis=ax, backend=backend)) if want_in else None
             s_out = col.outputs.setdefault(name, ChannelStats(axis=ax, backend=backend)) if want_out else None
-            handles.append(mod.register_forward_hook(_make_hook(s_in, s_out)))
+            handles.append(mod.register_forward_hook(_make_hook(s_in, s_out), with_kwargs=True))
         yield col
     finally:
         for h in handles:
@@ -157,9 +158,11 @@ def collect(model, *, capture="input", modules=None, axis=None, backend="dispatc
 
 
 def _make_hook(s_in, s_out):
-    def hook(module, args, output):
+    def hook(module, args, kwargs, output):
         if s_in is not None:
             t = _first_tensor(args)
+            if t is None and kwargs:
+                t = _first_tensor(kwargs)
             if t is not None:
                 s_in.update(t)
         if s_out is not None:

@@ -19,7 +19,9 @@ class ChannelStats:
     values), ``sum``, ``sum_abs``, ``sum_sq`` (float64, over finite values), ``count`` (values
     seen, int64), ``nan_count`` and ``inf_count`` (int64). Non-finite values are counted and
     otherwise ignored. A channel that has seen no finite value has ``min = +inf``,
-    ``max = -inf``.
+    ``max = -inf``. float64 inputs are folded in float64 and their min/max/abs-min stored rounded
+    to the nearest float32 (a finite float64 beyond the float32 range is stored as +-inf, while
+    still counted as finite; the sums stay float64).
 
     The state lives on the device of the first tensor seen (or ``device``); every update runs on
     that device without a host synchronisation.
@@ -48,6 +50,12 @@ class ChannelStats:
 
     # -- state --------------------------------------------------------------------------------
     def _allocate(self, C, device):
+        # Normal tensors even when the first update happens under torch.inference_mode(), so the
+        # state can be updated and merged afterwards outside it.
+        with torch.inference_mode(False):
+            self._allocate_now(C, device)
+
+    def _allocate_now(self, C, device):
         f = torch.empty(3, C, dtype=torch.float32, device=device)
         f[0].fill_(math.inf)
         f[1].fill_(-math.inf)
@@ -118,12 +126,13 @@ class ChannelStats:
             raise ValueError(f"calibfast: channel count mismatch: this ChannelStats holds {self.num_channels} "
                              f"channels, the other holds {other.num_channels}")
         dev = self._f.device
-        of, od, oi = (t.to(dev, non_blocking=True) for t in (other._f, other._d, other._i))
-        torch.minimum(self._f[0], of[0], out=self._f[0])
-        torch.maximum(self._f[1], of[1], out=self._f[1])
-        torch.minimum(self._f[2], of[2], out=self._f[2])
-        self._d += od
-        self._i += oi
+        with torch.inference_mode(False):
+            of, od, oi = (t.to(dev) for t in (other._f, other._d, other._i))
+            torch.minimum(self._f[0], of[0], out=self._f[0])
+            torch.maximum(self._f[1], of[1], out=self._f[1])
+            torch.minimum(self._f[2], of[2], out=self._f[2])
+            self._d += od
+            self._i += oi
         return self
 
     def reset(self):
@@ -223,24 +232,30 @@ class ChannelStats:
             if tuple(d[k].shape) != (C,):
                 raise ValueError(f"calibfast: state dict '{k}' must have shape [{C}], got {list(d[k].shape)}")
         device = d["min"].device
+        with torch.inference_mode(False):
+            self._load_checked(d, device)
+        return self
+
+    def _load_checked(self, d, device):
         f = torch.stack([d["min"], d["max"], d["absmin"]]).to(device=device, dtype=torch.float32)
         dd = torch.stack([d["sum"], d["sum_abs"], d["sum_sq"]]).to(device=device, dtype=torch.float64)
         i = torch.stack([d["count"], d["nan_count"], d["inf_count"]]).to(device=device, dtype=torch.int64)
         if "axis" in d:
             self.axis = int(d["axis"])
         self._f, self._d, self._i = f.contiguous(), dd.contiguous(), i.contiguous()
-        return self
 
     def to(self, device):
         """Move the state to ``device``. Returns ``self``."""
         if self._f is not None:
-            self._f, self._d, self._i = (t.to(device) for t in (self._f, self._d, self._i))
+            with torch.inference_mode(False):
+                self._f, self._d, self._i = (t.to(device) for t in (self._f, self._d, self._i))
         return self
 
     def clone(self):
         c = ChannelStats(self.axis, backend=self.backend)
         if self._f is not None:
-            c._f, c._d, c._i = self._f.clone(), self._d.clone(), self._i.clone()
+            with torch.inference_mode(False):
+                c._f, c._d, c._i = self._f.clone(), self._d.clone(), self._i.clone()
         return c
 
     def __repr__(self):

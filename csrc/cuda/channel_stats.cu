@@ -36,6 +36,7 @@ namespace cuda {
 namespace {
 
 constexpr int kWarps = 8;        // rows handled side by side in a block of the row kernel
+constexpr int kUnroll = 4;       // rows each thread loads before using any (bytes in flight)
 constexpr int kRunThreads = 256; // threads per block of the run kernel
 
 // ---- loads --------------------------------------------------------------------------------
@@ -167,25 +168,38 @@ __global__ void __launch_bounds__(32 * kWarps) rows_kernel(const typename Ld::in
   const int64_t r_begin = static_cast<int64_t>(blockIdx.y) * rows_per_block;
   const int64_t r_end = min(rows, r_begin + rows_per_block);
   if (active) {
-    for (int64_t r = r_begin + ty; r < r_end; r += kWarps) {
-      const in_t* p = x + off(r) + c0 * cs;
-      in_t v[VEC];
-      if (kUnit && VEC > 1) {
-        const Pack<in_t, VEC> pk = *reinterpret_cast<const Pack<in_t, VEC>*>(p);
+    // kUnroll rows' loads are issued before any is used, so that enough bytes are in flight to
+    // cover memory latency.
+    for (int64_t r = r_begin + ty; r < r_end; r += kWarps * kUnroll) {
+      in_t v[kUnroll][VEC];
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) v[j] = pk.v[j];
-      } else {
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t ru = r + u * kWarps;
+        if (ru < r_end) {
+          const in_t* p = x + off(ru) + c0 * cs;
+          if (kUnit && VEC > 1) {
+            const Pack<in_t, VEC> pk = *reinterpret_cast<const Pack<in_t, VEC>*>(p);
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) v[j] = p[j * cs];
+            for (int j = 0; j < VEC; ++j) v[u][j] = pk.v[j];
+          } else {
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) v[u][j] = p[j * cs];
+          }
+        }
       }
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        const acc_t f = Ld::load(v[j]);
-        if (!acc[j].add(f)) {
-          if (isnan(f)) {
-            atomicAdd(&snan[tx * VEC + j], 1u);
-          } else {
-            atomicAdd(&sinf[tx * VEC + j], 1u);
+      for (int u = 0; u < kUnroll; ++u) {
+        if (r + u * kWarps < r_end) {
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) {
+            const acc_t f = Ld::load(v[u][j]);
+            if (!acc[j].add(f)) {
+              if (isnan(f)) {
+                atomicAdd(&snan[tx * VEC + j], 1u);
+              } else {
+                atomicAdd(&sinf[tx * VEC + j], 1u);
+              }
+            }
           }
         }
       }
@@ -265,11 +279,22 @@ __global__ void __launch_bounds__(kRunThreads) runs_kernel(const typename Ld::in
   unsigned long long nnan = 0, ninf = 0;
   for (int64_t q = q0; q < q1; ++q) {
     const typename Ld::in_t* p = x + outer(q) + c * cs;
-    for (int64_t i = threadIdx.x; i < run; i += kRunThreads) {
-      const acc_t f = Ld::load(p[i]);
-      if (!acc.add(f)) {
-        nnan += isnan(f) ? 1 : 0;
-        ninf += isnan(f) ? 0 : 1;
+    for (int64_t i0 = threadIdx.x; i0 < run; i0 += kRunThreads * kUnroll) {
+      typename Ld::in_t v[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t i = i0 + u * kRunThreads;
+        if (i < run) v[u] = p[i];
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (i0 + u * kRunThreads < run) {
+          const acc_t f = Ld::load(v[u]);
+          if (!acc.add(f)) {
+            nnan += isnan(f) ? 1 : 0;
+            ninf += isnan(f) ? 0 : 1;
+          }
+        }
       }
     }
   }
