@@ -37,7 +37,7 @@ timeout 420 $PY -m pytest tests -q -x -p no:cacheprovider > "$OUT/tests.log" 2>&
 log "tests: rc=$? $(tail -1 "$OUT/tests.log")"
 
 for dt in bfloat16 float32; do
-  timeout 180 $PY benchmarks/bench_channel_stats.py --device cuda --dtypes "$dt" --shape 16384x8192 \
+  timeout 180 $PY benchmarks/bench_channel_stats.py --device cuda --dtype "$dt" --shape 16384x8192 \
     --out "$OUT/gpu_channel_stats_$dt" > "$OUT/bench_$dt.log" 2>&1
   log "bench $dt: rc=$?"
 done
