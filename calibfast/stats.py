@@ -10,6 +10,16 @@ from ._reference import FLOAT_DTYPES
 _BACKENDS = ("dispatch", "reference")
 
 _STATE_KEYS = ("min", "max", "absmin", "sum", "sum_abs", "sum_sq", "count", "nan_count", "inf_count")
+_HIST_KEYS = ("hist", "hist_exp", "channel_hist", "channel_hist_exp")
+_TENSORS = ("_f", "_d", "_i", "_h", "_he", "_ch", "_che")
+
+
+def _check_bins(bins, name):
+    if not isinstance(bins, int) or isinstance(bins, bool):
+        raise TypeError(f"calibfast: {name} must be an int, got {type(bins).__name__}")
+    if bins != 0 and (bins < 2 or bins > _reference.MAX_BINS or bins & (bins - 1)):
+        raise ValueError(f"calibfast: {name} must be 0 (off) or a power of two in [2, {_reference.MAX_BINS}] "
+                         f"(bins nest exactly when the range doubles), got {bins}")
 
 
 class ChannelStats:
@@ -23,6 +33,16 @@ class ChannelStats:
     to the nearest float32 (a finite float64 beyond the float32 range is stored as +-inf, while
     still counted as finite; the sums stay float64).
 
+    Histograms, in the same read of the input: ``hist`` (int64 [bins]) counts |x| over the whole
+    tensor in uniform bins over [0, ``hist_max``); ``channel_hist`` (int64 [C, channel_bins],
+    optional) does the same per channel over [0, ``channel_hist_max[c]``). Ranges are powers of
+    two, ``hist_max = 2^e`` with the smallest e such that absmax < 2^e, so at least half the bins
+    cover [0, absmax]. When data exceed the range, the range doubles as often as needed and every
+    2^k adjacent bins merge into one, with the bin count fixed. Since a power-of-two scale is exact
+    in floating point, the bin of a value depends only on the value and the final range: the counts
+    are the same, bit for bit, however the data were batched, ordered or split across processes
+    and merged. Non-finite values are not binned (they are counted in ``nan_count``/``inf_count``).
+
     The state lives on the device of the first tensor seen (or ``device``); every update runs on
     that device without a host synchronisation.
 
@@ -31,20 +51,27 @@ class ChannelStats:
             end, so ``-1`` is the last dim whatever the rank).
         num_channels: allocate the state up front (otherwise on the first update).
         device: where to allocate it when ``num_channels`` is given.
+        bins: bins of the |x| histogram over the whole tensor (a power of two; 0 turns it off).
+        channel_bins: bins of the per-channel histograms (a power of two; 0, the default, is off).
         backend: ``"dispatch"`` (default: the op through the dispatcher, i.e. the compiled kernel
             for the tensor's device when there is one) or ``"reference"`` (always the pure-torch
             implementation; what the equivalence tests compare against).
     """
 
-    def __init__(self, axis=-1, num_channels=None, device=None, backend="dispatch"):
+    def __init__(self, axis=-1, num_channels=None, device=None, bins=2048, channel_bins=0, backend="dispatch"):
         if not isinstance(axis, int):
             raise TypeError(f"calibfast: axis must be an int, got {type(axis).__name__}")
         if backend not in _BACKENDS:
             raise ValueError(f"calibfast: backend must be one of {_BACKENDS}, got {backend!r}")
+        _check_bins(bins, "bins")
+        _check_bins(channel_bins, "channel_bins")
         self.axis = axis
+        self.bins = bins
+        self.channel_bins = channel_bins
         self.backend = backend
         self._update = _ops.channel_stats_update if backend == "dispatch" else _reference.channel_stats_update
-        self._f = self._d = self._i = None
+        for name in _TENSORS:
+            setattr(self, name, None)
         if num_channels is not None:
             self._allocate(int(num_channels), torch.device(device) if device is not None else torch.device("cpu"))
 
@@ -53,16 +80,18 @@ class ChannelStats:
         # Normal tensors even when the first update happens under torch.inference_mode(), so the
         # state can be updated and merged afterwards outside it.
         with torch.inference_mode(False):
-            self._allocate_now(C, device)
-
-    def _allocate_now(self, C, device):
-        f = torch.empty(3, C, dtype=torch.float32, device=device)
-        f[0].fill_(math.inf)
-        f[1].fill_(-math.inf)
-        f[2].fill_(math.inf)
-        self._f = f
-        self._d = torch.zeros(3, C, dtype=torch.float64, device=device)
-        self._i = torch.zeros(3, C, dtype=torch.int64, device=device)
+            f = torch.empty(3, C, dtype=torch.float32, device=device)
+            f[0].fill_(math.inf)
+            f[1].fill_(-math.inf)
+            f[2].fill_(math.inf)
+            i64 = dict(dtype=torch.int64, device=device)
+            self._f = f
+            self._d = torch.zeros(3, C, dtype=torch.float64, device=device)
+            self._i = torch.zeros(3, C, **i64)
+            self._h = torch.zeros(self.bins, **i64)
+            self._he = torch.full((2,), _reference.EMPTY_EXP, **i64)
+            self._ch = torch.zeros(C if self.channel_bins else 0, self.channel_bins, **i64)
+            self._che = torch.full((2, C), _reference.EMPTY_EXP, **i64)
 
     @property
     def initialized(self):
@@ -109,7 +138,7 @@ class ChannelStats:
         elif x.device != self._f.device:
             raise ValueError(f"calibfast: the statistics are on {self._f.device} but the tensor is on "
                              f"{x.device}; move one of them (ChannelStats.to(device))")
-        self._update(x.detach(), self.axis, self._f, self._d, self._i)
+        self._update(x.detach(), self.axis, self._f, self._d, self._i, self._h, self._he, self._ch, self._che)
         return self
 
     def merge(self, other):
@@ -120,23 +149,31 @@ class ChannelStats:
             raise TypeError(f"calibfast: merge expects a ChannelStats, got {type(other).__name__}")
         if other._f is None:
             return self
-        if self._f is None:
-            self._allocate(other.num_channels, other.device)
-        elif other.num_channels != self.num_channels:
+        if (other.bins, other.channel_bins) != (self.bins, self.channel_bins):
+            raise ValueError(f"calibfast: histogram size mismatch: this ChannelStats has bins={self.bins}, "
+                             f"channel_bins={self.channel_bins}; the other bins={other.bins}, "
+                             f"channel_bins={other.channel_bins}")
+        if self._f is not None and other.num_channels != self.num_channels:
             raise ValueError(f"calibfast: channel count mismatch: this ChannelStats holds {self.num_channels} "
                              f"channels, the other holds {other.num_channels}")
+        if self._f is None:
+            self._allocate(other.num_channels, other.device)
         dev = self._f.device
         with torch.inference_mode(False):
-            of, od, oi = (t.to(dev) for t in (other._f, other._d, other._i))
+            of, od, oi, oh, ohe, och, oche = (getattr(other, n).to(dev) for n in _TENSORS)
             torch.minimum(self._f[0], of[0], out=self._f[0])
             torch.maximum(self._f[1], of[1], out=self._f[1])
             torch.minimum(self._f[2], of[2], out=self._f[2])
             self._d += od
             self._i += oi
+            if self.bins:
+                _merge_hist(self._h, self._he, oh.clone(), ohe)
+            if self.channel_bins:
+                _merge_hist(self._ch, self._che, och.clone(), oche)
         return self
 
     def reset(self):
-        """Forget everything seen (the channel count and device stay)."""
+        """Forget everything seen (the channel count, device and bin counts stay)."""
         if self._f is not None:
             self._allocate(self.num_channels, self.device)
         return self
@@ -213,49 +250,117 @@ class ChannelStats:
         var = (self._d[2] / n - mean * mean).clamp_min(0.0)
         return var.sqrt()
 
+    @property
+    def hist(self):
+        """Counts of finite |x| over the whole tensor (int64 [bins]), uniform over [0, hist_max)."""
+        self._need_hist()
+        return self._h
+
+    @property
+    def hist_exp(self):
+        """The histogram's range exponent (int64 0-d tensor): hist_max = 2^hist_exp."""
+        self._need_hist()
+        return self._he[0]
+
+    @property
+    def hist_max(self):
+        """Upper end of the histogram's range, 2^hist_exp (float64 0-d tensor; 0 before any data)."""
+        self._need_hist()
+        return _exp_to_max(self._he[0])
+
+    @property
+    def hist_edges(self):
+        """Bin edges (float64 [bins + 1])."""
+        return torch.linspace(0, 1, self.bins + 1, dtype=torch.float64, device=self._h.device) * self.hist_max
+
+    @property
+    def channel_hist(self):
+        """Per-channel counts of finite |x| (int64 [C, channel_bins]), over [0, channel_hist_max[c])."""
+        self._need_hist(channel=True)
+        return self._ch
+
+    @property
+    def channel_hist_exp(self):
+        self._need_hist(channel=True)
+        return self._che[0]
+
+    @property
+    def channel_hist_max(self):
+        """Per-channel ranges, 2^channel_hist_exp (float64 [C]; 0 before any data)."""
+        self._need_hist(channel=True)
+        return _exp_to_max(self._che[0])
+
+    def _need_hist(self, channel=False):
+        self._need()
+        if channel and not self.channel_bins:
+            raise RuntimeError("calibfast: this ChannelStats keeps no per-channel histograms "
+                               "(construct it with channel_bins=N)")
+        if not channel and not self.bins:
+            raise RuntimeError("calibfast: this ChannelStats keeps no histogram (bins=0)")
+
     # -- persistence --------------------------------------------------------------------------
     def state_dict(self):
-        """Tensors by name (copies), plus ``axis``; loads back with :meth:`load_state_dict`."""
+        """Tensors by name (copies), plus ``axis``, ``bins``, ``channel_bins`` as 0-d tensors;
+        loads back with :meth:`load_state_dict`."""
         self._need()
         d = {k: getattr(self, k).clone() for k in _STATE_KEYS}
+        d["hist"] = self._h.clone()
+        d["hist_exp"] = self._he.clone()
+        d["channel_hist"] = self._ch.clone()
+        d["channel_hist_exp"] = self._che.clone()
         d["axis"] = torch.tensor(self.axis, dtype=torch.int64)
+        d["bins"] = torch.tensor(self.bins, dtype=torch.int64)
+        d["channel_bins"] = torch.tensor(self.channel_bins, dtype=torch.int64)
         return d
 
     def load_state_dict(self, d):
-        missing = [k for k in _STATE_KEYS if k not in d]
+        """Replaces the state with ``d`` (from :meth:`state_dict`). Checks every key, shape and
+        dtype first: on error the state is left as it was."""
+        missing = [k for k in _STATE_KEYS + _HIST_KEYS + ("bins", "channel_bins") if k not in d]
         if missing:
             raise KeyError(f"calibfast: state dict lacks {missing}")
-        C = d["min"].shape[0] if d["min"].dim() == 1 else None
-        if C is None:
+        if d["min"].dim() != 1:
             raise ValueError(f"calibfast: state dict 'min' must be 1-d, got shape {list(d['min'].shape)}")
+        C = d["min"].shape[0]
         for k in _STATE_KEYS:
             if tuple(d[k].shape) != (C,):
                 raise ValueError(f"calibfast: state dict '{k}' must have shape [{C}], got {list(d[k].shape)}")
+        bins, cbins = int(d["bins"]), int(d["channel_bins"])
+        _check_bins(bins, "bins")
+        _check_bins(cbins, "channel_bins")
+        shapes = {"hist": (bins,), "hist_exp": (2,), "channel_hist": (C if cbins else 0, cbins),
+                  "channel_hist_exp": (2, C)}
+        for k, shape in shapes.items():
+            if tuple(d[k].shape) != shape or d[k].dtype != torch.int64:
+                raise ValueError(f"calibfast: state dict '{k}' must be int64 of shape {list(shape)}, "
+                                 f"got {d[k].dtype} {list(d[k].shape)}")
         device = d["min"].device
         with torch.inference_mode(False):
-            self._load_checked(d, device)
-        return self
-
-    def _load_checked(self, d, device):
-        f = torch.stack([d["min"], d["max"], d["absmin"]]).to(device=device, dtype=torch.float32)
-        dd = torch.stack([d["sum"], d["sum_abs"], d["sum_sq"]]).to(device=device, dtype=torch.float64)
-        i = torch.stack([d["count"], d["nan_count"], d["inf_count"]]).to(device=device, dtype=torch.int64)
+            f = torch.stack([d["min"], d["max"], d["absmin"]]).to(device=device, dtype=torch.float32)
+            dd = torch.stack([d["sum"], d["sum_abs"], d["sum_sq"]]).to(device=device, dtype=torch.float64)
+            i = torch.stack([d["count"], d["nan_count"], d["inf_count"]]).to(device=device, dtype=torch.int64)
+            hs = [d[k].to(device).clone().contiguous() for k in _HIST_KEYS]
         if "axis" in d:
             self.axis = int(d["axis"])
+        self.bins, self.channel_bins = bins, cbins
         self._f, self._d, self._i = f.contiguous(), dd.contiguous(), i.contiguous()
+        self._h, self._he, self._ch, self._che = hs
+        return self
 
     def to(self, device):
         """Move the state to ``device``. Returns ``self``."""
         if self._f is not None:
             with torch.inference_mode(False):
-                self._f, self._d, self._i = (t.to(device) for t in (self._f, self._d, self._i))
+                for n in _TENSORS:
+                    setattr(self, n, getattr(self, n).to(device))
         return self
 
     def clone(self):
-        c = ChannelStats(self.axis, backend=self.backend)
+        c = ChannelStats(self.axis, bins=self.bins, channel_bins=self.channel_bins, backend=self.backend)
         if self._f is not None:
             with torch.inference_mode(False):
-                c._f, c._d, c._i = self._f.clone(), self._d.clone(), self._i.clone()
+                for n in _TENSORS:
+                    setattr(c, n, getattr(self, n).clone())
         return c
 
     def __repr__(self):
@@ -263,3 +368,19 @@ class ChannelStats:
             return f"ChannelStats(axis={self.axis}, empty)"
         return (f"ChannelStats(axis={self.axis}, channels={self.num_channels}, device={self.device}, "
                 f"values/channel={int(self._i[0, 0]) if self.num_channels else 0})")
+
+
+def _exp_to_max(e):
+    """2^e as float64, 0 where the range is empty."""
+    m = torch.ldexp(torch.ones_like(e, dtype=torch.float64), e.clamp(min=-1074))
+    return torch.where(e == _reference.EMPTY_EXP, 0.0, m)
+
+
+def _merge_hist(h, he, oh, ohe):
+    """h += oh after bringing both to the larger range (exact: bins nest). oh is consumed."""
+    e_a, e_b = he[0].clone(), ohe[0]
+    e = torch.maximum(e_a, e_b)
+    _reference.grow_hist(h, e_a, e)
+    _reference.grow_hist(oh, e_b, e)
+    h += oh
+    he[0] = e

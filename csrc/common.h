@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <string>
 
 #if defined(__CUDACC__)
 #define CALIBFAST_HOST_DEVICE __host__ __device__ __forceinline__
@@ -14,6 +15,13 @@
 #endif
 
 namespace calibfast {
+
+// Histogram exponents (calibfast/_reference.py holds the same): a histogram of B bins covers
+// [0, 2^e); e only grows, to the smallest exponent with absmax < 2^e.
+constexpr int64_t kEmptyExp = -(int64_t(1) << 30);  // no range yet
+constexpr int64_t kMinExp = -100;
+constexpr int64_t kMaxExp = 128;
+constexpr int64_t kMaxBins = int64_t(1) << 24;
 
 // The most non-channel dims a kernel walks after collapsing; anything with more (after
 // collapsing adjacent dims that are contiguous with each other) is first made contiguous.
@@ -120,8 +128,34 @@ inline bool analyse_layout(const at::Tensor& x, int64_t axis, Layout& L) {
 //   fstate float32 [3, C]: min, max, absmin (over finite values; absmax = max(max, -min))
 //   dstate float64 [3, C]: sum, sum of |x|, sum of x^2 (over finite values)
 //   istate int64   [3, C]: values seen, NaN count, +-Inf count
+inline void check_hist_arg(const at::Tensor& h, const at::Tensor& e, const at::Tensor& x, const char* hname,
+                           const char* ename, int64_t erows, int64_t ecols) {
+  const int64_t B = h.size(h.dim() - 1);
+  TORCH_CHECK(h.scalar_type() == at::kLong, "calibfast: ", hname, " must be torch.int64, got ", h.scalar_type());
+  TORCH_CHECK(B >= 2 && B <= kMaxBins && (B & (B - 1)) == 0, "calibfast: ", hname,
+              " needs a power-of-two bin count in [2, ", kMaxBins, "], got ", B);
+  const bool eshape = ecols < 0 ? (e.dim() == 1 && e.size(0) == erows)
+                                : (e.dim() == 2 && e.size(0) == erows && e.size(1) == ecols);
+  TORCH_CHECK(e.scalar_type() == at::kLong && eshape, "calibfast: ", ename, " must be int64 of shape [", erows,
+              ecols < 0 ? "" : ", ", ecols < 0 ? "" : std::to_string(ecols), "], got ", e.scalar_type(), " ",
+              e.sizes());
+  TORCH_CHECK(h.is_contiguous() && e.is_contiguous(), "calibfast: ", hname, " and ", ename, " must be contiguous");
+  TORCH_CHECK(h.device() == x.device() && e.device() == x.device(), "calibfast: ", hname, " is on ", h.device(),
+              " but the input is on ", x.device());
+}
+
+// Checks shared by every device's implementation of channel_stats_update. The state is packed in
+// three tensors so that one op call carries it all:
+//   fstate float32 [3, C]: min, max, absmin (over finite values; absmax = max(max, -min))
+//   dstate float64 [3, C]: sum, sum of |x|, sum of x^2 (over finite values)
+//   istate int64   [3, C]: values seen, NaN count, +-Inf count
+// and the histograms (empty tensors: off):
+//   hist int64 [B], hexp int64 [2]: counts of |x| over [0, 2^hexp[0]); hexp[1] = the exponent
+//     before the last update
+//   chist int64 [C, N], chexp int64 [2, C]: the same per channel
 inline int64_t check_channel_stats_args(const at::Tensor& x, int64_t axis, const at::Tensor& fstate,
-                                        const at::Tensor& dstate, const at::Tensor& istate) {
+                                        const at::Tensor& dstate, const at::Tensor& istate, const at::Tensor& hist,
+                                        const at::Tensor& hexp, const at::Tensor& chist, const at::Tensor& chexp) {
   TORCH_CHECK(x.dim() >= 1, "calibfast: channel statistics need a tensor of rank >= 1, got a 0-d tensor");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf ||
                   x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kDouble,
@@ -143,6 +177,15 @@ inline int64_t check_channel_stats_args(const at::Tensor& x, int64_t axis, const
   check_state(fstate, at::kFloat, "fstate");
   check_state(dstate, at::kDouble, "dstate");
   check_state(istate, at::kLong, "istate");
+  if (hist.numel() > 0) {
+    TORCH_CHECK(hist.dim() == 1, "calibfast: hist must be 1-d, got ", hist.sizes());
+    check_hist_arg(hist, hexp, x, "hist", "hexp", 2, -1);
+  }
+  if (chist.numel() > 0) {
+    TORCH_CHECK(chist.dim() == 2 && chist.size(0) == C, "calibfast: chist must have shape [", C,
+                ", bins] for a tensor with ", C, " channels, got ", chist.sizes());
+    check_hist_arg(chist, chexp, x, "chist", "chexp", 2, C);
+  }
   return ax;
 }
 

@@ -57,6 +57,12 @@ def assert_stats_match(a, b, dtype, what=""):
     for name in ("count", "nan_count", "inf_count"):
         ta, tb = getattr(a, name).cpu(), getattr(b, name).cpu()
         assert torch.equal(ta, tb), f"{what}{name}: {ta} != {tb}"
+    if a.bins and b.bins:
+        assert torch.equal(a.hist_exp.cpu(), b.hist_exp.cpu()), f"{what}hist_exp: {a.hist_exp} != {b.hist_exp}"
+        assert torch.equal(a.hist.cpu(), b.hist.cpu()), f"{what}hist differs"
+    if a.channel_bins and b.channel_bins:
+        assert torch.equal(a.channel_hist_exp.cpu(), b.channel_hist_exp.cpu()), f"{what}channel_hist_exp differs"
+        assert torch.equal(a.channel_hist.cpu(), b.channel_hist.cpu()), f"{what}channel_hist differs"
     rtol = SUM_RTOL[dtype]
     scale = b.sum_abs.cpu()
     for name in ("sum", "sum_abs"):
@@ -293,26 +299,28 @@ def test_bad_input_leaves_state_unchanged(backend):
         assert torch.equal(v, before[k]), k
 
 
-def _fresh_state(C, device="cpu"):
-    s = ChannelStats(num_channels=C, device=device)
-    return s._f, s._d, s._i
+def _fresh_state(C, device="cpu", channel_bins=16):
+    """The op's seven state tensors: fstate, dstate, istate, hist, hexp, chist, chexp."""
+    s = ChannelStats(num_channels=C, device=device, bins=64, channel_bins=channel_bins)
+    return [s._f, s._d, s._i, s._h, s._he, s._ch, s._che]
 
 
 @pytest.mark.parametrize("impl", ["dispatch", "reference"])
 def test_op_checks_its_arguments(impl):
     op = torch.ops.calibfast.channel_stats_update if impl == "dispatch" else _reference.channel_stats_update
-    f, d, i = _fresh_state(4)
+    st = _fresh_state(4)
+    before = [t.clone() for t in st]
     x = torch.randn(3, 4)
     with pytest.raises((RuntimeError, ValueError), match=r"shape \[3, 5\]"):
-        op(torch.randn(3, 5), -1, f, d, i)
+        op(torch.randn(3, 5), -1, *st)
     with pytest.raises((RuntimeError, TypeError), match="fstate must be"):
-        op(x, -1, f.double(), d, i)
+        op(x, -1, st[0].double(), *st[1:])
     with pytest.raises((RuntimeError, TypeError), match="floating-point"):
-        op(x.int(), -1, f, d, i)
+        op(x.int(), -1, *st)
     with pytest.raises((RuntimeError, IndexError), match="out of range"):
-        op(x, 2, f, d, i)
-    assert torch.equal(i, torch.zeros(3, 4, dtype=torch.int64))
-    assert torch.equal(d, torch.zeros(3, 4, dtype=torch.float64))
+        op(x, 2, *st)
+    for t, b in zip(st, before):
+        assert torch.equal(t, b)
 
 
 def test_unallocated_stats_raise_clearly():
@@ -327,44 +335,50 @@ def test_unallocated_stats_raise_clearly():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_opcheck(device, dtype):
-    f, d, i = _fresh_state(16, device)
+@pytest.mark.parametrize("channel_bins", [0, 16])
+def test_opcheck(device, dtype, channel_bins):
+    st = _fresh_state(16, device, channel_bins)
     for x, axis in ((torch.randn(8, 16, device=device, dtype=dtype), -1),
-                    (torch.randn(2, 16, 5, device=device, dtype=dtype), 1)):
-        torch.library.opcheck(torch.ops.calibfast.channel_stats_update, (x, axis, f, d, i))
+                    (torch.randn(2, 16, 5, device=device, dtype=dtype) * 100, 1)):
+        torch.library.opcheck(torch.ops.calibfast.channel_stats_update, (x, axis, *st))
+
+
+def _state_of(st):
+    s = ChannelStats(bins=64, channel_bins=16)
+    s._f, s._d, s._i, s._h, s._he, s._ch, s._che = st
+    return s
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_torch_compile_fullgraph(device):
-    f, d, i = _fresh_state(32, device)
+    st = _fresh_state(32, device)
 
-    def step(x, f, d, i):
+    def step(x, st):
         y = torch.relu(x) * 2
-        torch.ops.calibfast.channel_stats_update(y, -1, f, d, i)
+        torch.ops.calibfast.channel_stats_update(y, -1, *st)
         return y.sum()
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     x = torch.randn(10, 32, device=device)
-    compiled(x, f, d, i)
-    compiled(x, f, d, i)
-    ref = ChannelStats(backend="reference")
-    ref.update(torch.relu(x) * 2).update(torch.relu(x) * 2)
-    assert torch.equal(f[0].cpu(), ref.min.cpu()) and torch.equal(f[1].cpu(), ref.max.cpu())
-    assert torch.equal(i.cpu(), ref._i.cpu())
+    compiled(x, st)
+    compiled(x * 10, st)
+    ref = ChannelStats(bins=64, channel_bins=16, backend="reference")
+    ref.update(torch.relu(x) * 2).update(torch.relu(x * 10) * 2)
+    assert_stats_match(_state_of(st), ref, torch.float32)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_torch_compile_inductor(device):
-    f, d, i = _fresh_state(8, device)
+    st = _fresh_state(8, device)
 
     @torch.compile(fullgraph=True)
     def step(x):
-        torch.ops.calibfast.channel_stats_update(x * 3, -1, f, d, i)
+        torch.ops.calibfast.channel_stats_update(x * 3, -1, *st)
 
     x = torch.randn(6, 8, device=device)
     step(x)
-    ref = ChannelStats(backend="reference").update(x * 3)
-    assert torch.equal(f[1].cpu(), ref.max.cpu()) and torch.equal(i.cpu(), ref._i.cpu())
+    ref = ChannelStats(bins=64, channel_bins=16, backend="reference").update(x * 3)
+    assert_stats_match(_state_of(st), ref, torch.float32)
 
 
 # ---- more than 2^31 elements --------------------------------------------------------------------

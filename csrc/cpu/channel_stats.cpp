@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <string>
 #include <vector>
@@ -90,7 +91,19 @@ struct Slot {
   double* ssq;
   int64_t* nan;
   int64_t* inf;
+  // Histograms (B or N == 0: off). A value a = |x| with a >= lo lands in bin floor(a * scale)
+  // when that is < B; the counts go to this thread's private arrays.
+  int64_t B = 0;
+  acc_t hscale = 0, hlo = 0;
+  int64_t* hist = nullptr;  // [B]
+  int64_t N = 0;
+  const acc_t* cscale = nullptr;  // [C]
+  const acc_t* clo = nullptr;     // [C]
+  int64_t* chist = nullptr;       // [C * N]
+  int32_t* idx = nullptr;         // scratch: max(C, kRunBlock) bin indices
 };
+
+constexpr int64_t kRunBlock = kChunk * kLanes;  // values of a run folded at a time
 
 namespace v_base {
 #include "channel_stats_kernel.h"
@@ -159,44 +172,65 @@ std::string cpu_capability() {
   }
 }
 
-// Per-thread slots of per-channel accumulators, merged into the op's state at the end.
+// Per-thread slots of per-channel accumulators and private histograms, merged into the op's
+// state at the end. Sized once per call; only what the call uses is allocated.
 template <typename acc_t>
 struct Slots {
   int64_t C;
   int n;
-  std::vector<acc_t> a;       // [n][3][C]: min, max, absmin
-  std::vector<double> d;      // [n][3][C]: sum, sum|x|, sum x^2
-  std::vector<int64_t> k;     // [n][2][C]: nan, inf
-  std::vector<acc_t> scratch; // [n][6][C]: chunk accumulators of the row kernels
+  std::vector<acc_t> a;        // [n][3][C]: min, max, absmin
+  std::vector<double> d;       // [n][3][C]: sum, sum|x|, sum x^2
+  std::vector<int64_t> k;      // [n][2][C]: nan, inf
+  std::vector<acc_t> scratch;  // [n][6][C]: chunk accumulators of the row kernels
+  std::vector<int64_t> h;      // [n][B]: global histogram
+  std::vector<int64_t> ch;     // [n][C * N]: per-channel histograms
+  std::vector<int32_t> idx;    // [n][max(C, kRunBlock)]: bin indices
+  int64_t B = 0, N = 0, idx_len = 0;
 
-  Slots(int64_t C_, int n_, bool rows)
-      : C(C_), n(n_), a(3 * C_ * n_), d(3 * C_ * n_, 0.0), k(2 * C_ * n_, 0), scratch(rows ? 6 * C_ * n_ : 0) {
-    const acc_t inf = std::numeric_limits<acc_t>::infinity();
-    for (int t = 0; t < n; ++t) {
-      acc_t* p = a.data() + 3 * C * t;
-      std::fill(p, p + C, inf);
-      std::fill(p + C, p + 2 * C, -inf);
-      std::fill(p + 2 * C, p + 3 * C, inf);
+  Slots(int64_t C_, int n_, bool stats, bool rows, int64_t B_, int64_t N_) : C(C_), n(n_), B(B_), N(N_) {
+    if (stats) {
+      a.resize(3 * C * n);
+      d.assign(3 * C * n, 0.0);
+      k.assign(2 * C * n, 0);
+      const acc_t inf = std::numeric_limits<acc_t>::infinity();
+      for (int t = 0; t < n; ++t) {
+        acc_t* p = a.data() + 3 * C * t;
+        std::fill(p, p + C, inf);
+        std::fill(p + C, p + 2 * C, -inf);
+        std::fill(p + 2 * C, p + 3 * C, inf);
+      }
+      if (rows) scratch.resize(6 * C * n);
+    }
+    if (B) h.assign(B * n, 0);
+    if (N) ch.assign(C * N * n, 0);
+    if (B || N) {
+      idx_len = std::max<int64_t>(C, kRunBlock);
+      idx.resize(idx_len * n);
     }
   }
 
-  Slot<acc_t> slot(int t) {
+  Slot<acc_t> slot(int t, const Slot<acc_t>& hist_args) {
     TORCH_INTERNAL_ASSERT(t >= 0 && t < n, "calibfast: thread index ", t, " outside ", n, " slots");
-    Slot<acc_t> s;
-    s.mn = a.data() + 3 * C * t;
-    s.mx = s.mn + C;
-    s.amn = s.mx + C;
-    s.sum = d.data() + 3 * C * t;
-    s.sabs = s.sum + C;
-    s.ssq = s.sabs + C;
-    s.nan = k.data() + 2 * C * t;
-    s.inf = s.nan + C;
+    Slot<acc_t> s = hist_args;
+    if (!a.empty()) {
+      s.mn = a.data() + 3 * C * t;
+      s.mx = s.mn + C;
+      s.amn = s.mx + C;
+      s.sum = d.data() + 3 * C * t;
+      s.sabs = s.sum + C;
+      s.ssq = s.sabs + C;
+      s.nan = k.data() + 2 * C * t;
+      s.inf = s.nan + C;
+    }
+    if (B) s.hist = h.data() + B * t;
+    if (N) s.chist = ch.data() + C * N * t;
+    if (B || N) s.idx = idx.data() + idx_len * t;
     return s;
   }
 
   acc_t* scratch_for(int t) { return scratch.data() + 6 * C * t; }
 
-  void merge_into(float* fst, double* dst, int64_t* ist) {
+  void merge_stats(float* fst, double* dst, int64_t* ist) {
     for (int t = 0; t < n; ++t) {
       const acc_t* mn = a.data() + 3 * C * t;
       const acc_t* mx = mn + C;
@@ -218,75 +252,211 @@ struct Slots {
       }
     }
   }
+
+  void merge_hists(int64_t* hist, int64_t* chist) {
+    for (int t = 0; t < n; ++t) {
+      if (B) {
+        const int64_t* p = h.data() + B * t;
+        for (int64_t i = 0; i < B; ++i) hist[i] += p[i];
+      }
+      if (N) {
+        const int64_t* p = ch.data() + C * N * t;
+        for (int64_t i = 0; i < C * N; ++i) chist[i] += p[i];
+      }
+    }
+  }
 };
 
+// Runs one pass over the input: statistics and histograms (stats = true; histograms binned with
+// the ranges in `hargs`), or histograms alone (stats = false: the pass after a range grew).
 template <class Ld>
-static void update_typed(const at::Tensor& x, const Layout& L, float* fst, double* dst, int64_t* ist) {
+static void run_pass(const at::Tensor& x, const Layout& L, bool stats, const Slot<typename Ld::acc_t>& hargs,
+                     float* fst, double* dst, int64_t* ist, int64_t* hist, int64_t* chist) {
   using acc_t = typename Ld::acc_t;
   const Isa isa = chosen_isa();
-  const int nthreads = std::max(1, at::get_num_threads());
   const int64_t C = L.channels;
   const int64_t rows = L.rows;
-  const void* data = x.const_data_ptr();
   constexpr int64_t kTaskValues = 1 << 16;  // values per parallel task, at least
+  // Called from inside a parallel region (nested), at::parallel_for runs inline on this thread,
+  // whose index may exceed get_num_threads(): use a single slot then. Small inputs stay on one
+  // thread too: a parallel region costs more than it saves there.
+  const bool serial = at::in_parallel_region() || rows * C <= kTaskValues;
+  const int nthreads = serial ? 1 : std::max(1, at::get_num_threads());
+  auto slot_index = [serial]() { return serial ? 0 : at::get_thread_num(); };
+  const void* data = x.const_data_ptr();
+  Slots<acc_t> slots(C, nthreads, stats, L.mode != Mode::kRuns, hargs.B, hargs.N);
 
-  if (L.mode == Mode::kRuns) {
-    Slots<acc_t> slots(C, nthreads, false);
-        const int64_t pairs = (rows / L.run) * C;
-    const int64_t grain = std::max<int64_t>(1, kTaskValues / L.run);
-    at::parallel_for(0, pairs, grain, [&](int64_t b, int64_t e) {
-      const int t = at::get_thread_num();
-      auto s = slots.slot(t);
-      switch (isa) {
 #if CALIBFAST_X86_VARIANTS
-        case Isa::kAvx512:
-          v_avx512::runs_task<Ld>(data, L, b, e, s);
-          break;
-        case Isa::kAvx2:
-          v_avx2::runs_task<Ld>(data, L, b, e, s);
-          break;
-#endif
-        default:
-          v_base::runs_task<Ld>(data, L, b, e, s);
-      }
-    });
-    slots.merge_into(fst, dst, ist);
-    return;
+#define CALIBFAST_ISA_CALL(fn, ...)                          \
+  switch (isa) {                                             \
+    case Isa::kAvx512:                                       \
+      v_avx512::fn<Ld>(__VA_ARGS__);                         \
+      break;                                                 \
+    case Isa::kAvx2:                                         \
+      v_avx2::fn<Ld>(__VA_ARGS__);                           \
+      break;                                                 \
+    default:                                                 \
+      v_base::fn<Ld>(__VA_ARGS__);                           \
   }
-
-  Slots<acc_t> slots(C, nthreads, true);
-    auto rows_task = [&](int64_t r0, int64_t r1, int64_t c0, int64_t n) {
-    const int t = at::get_thread_num();
-    auto s = slots.slot(t);
-    acc_t* scratch = slots.scratch_for(t);
-    switch (isa) {
-#if CALIBFAST_X86_VARIANTS
-      case Isa::kAvx512:
-        v_avx512::rows_task<Ld>(data, L, r0, r1, c0, n, s, scratch);
-        break;
-      case Isa::kAvx2:
-        v_avx2::rows_task<Ld>(data, L, r0, r1, c0, n, s, scratch);
-        break;
+#else
+#define CALIBFAST_ISA_CALL(fn, ...) v_base::fn<Ld>(__VA_ARGS__);
 #endif
-      default:
-        v_base::rows_task<Ld>(data, L, r0, r1, c0, n, s, scratch);
+
+  auto parallel = [&](int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& f) {
+    if (serial) {
+      f(0, n);
+    } else {
+      at::parallel_for(0, n, grain, f);
     }
   };
-  if (rows >= 8 * nthreads || C < 64) {
-    // Split the rows; every task covers all channels.
-    const int64_t grain = std::max<int64_t>(1, kTaskValues / C);
-    at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) { rows_task(b, e, 0, C); });
+
+  if (L.mode == Mode::kRuns) {
+    const int64_t pairs = (rows / L.run) * C;
+    const int64_t grain = std::max<int64_t>(1, kTaskValues / L.run);
+    parallel(pairs, grain, [&](int64_t b, int64_t e) {
+      auto s = slots.slot(slot_index(), hargs);
+      if (stats) {
+        CALIBFAST_ISA_CALL(runs_task, data, L, b, e, s)
+      } else {
+        CALIBFAST_ISA_CALL(runs_hist_task, data, L, b, e, s)
+      }
+    });
   } else {
-    // Few rows, many channels: split the channels instead.
-    const int64_t grain = std::max<int64_t>(64, kTaskValues / std::max<int64_t>(rows, 1));
-    at::parallel_for(0, C, grain, [&](int64_t b, int64_t e) { rows_task(0, rows, b, e - b); });
+    auto task = [&](int64_t r0, int64_t r1, int64_t c0, int64_t n) {
+      const int t = slot_index();
+      auto s = slots.slot(t, hargs);
+      if (stats) {
+        acc_t* scratch = slots.scratch_for(t);
+        CALIBFAST_ISA_CALL(rows_task, data, L, r0, r1, c0, n, s, scratch)
+      } else {
+        CALIBFAST_ISA_CALL(rows_hist_task, data, L, r0, r1, c0, n, s)
+      }
+    };
+    if (rows >= 8 * nthreads || C < 64) {
+      // Split the rows; every task covers all channels.
+      parallel(rows, std::max<int64_t>(1, kTaskValues / C), [&](int64_t b, int64_t e) { task(b, e, 0, C); });
+    } else {
+      // Few rows, many channels: split the channels instead.
+      parallel(C, std::max<int64_t>(64, kTaskValues / std::max<int64_t>(rows, 1)),
+               [&](int64_t b, int64_t e) { task(0, rows, b, e - b); });
+    }
   }
-  slots.merge_into(fst, dst, ist);
+#undef CALIBFAST_ISA_CALL
+  if (stats) slots.merge_stats(fst, dst, ist);
+  slots.merge_hists(hist, chist);
+}
+
+// Histogram exponents: the smallest e with amax < 2^e, clamped (see csrc/common.h).
+static int64_t exponent_for(float amax) {
+  if (std::isinf(amax)) return kMaxExp;
+  if (!(amax > 0.0f)) return kMinExp;
+  int e = 0;
+  std::frexp(static_cast<double>(amax), &e);
+  return std::min<int64_t>(kMaxExp, std::max<int64_t>(kMinExp, e));
+}
+
+// Merges 2^(e_new - e_old) adjacent bins (exact), in place.
+static void grow_hist(int64_t* h, int64_t B, int64_t e_old, int64_t e_new) {
+  if (e_new <= e_old) return;
+  const int64_t shift = std::min<int64_t>(e_new - e_old, 62);
+  if (shift >= 62 || (int64_t(1) << shift) >= B) {
+    int64_t total = 0;
+    for (int64_t i = 0; i < B; ++i) total += h[i];
+    std::fill(h, h + B, 0);
+    h[0] = total;
+    return;
+  }
+  for (int64_t i = 0; i < B; ++i) {
+    const int64_t v = h[i];
+    h[i] = 0;
+    h[i >> shift] += v;  // i >> shift <= i: the target is never read again
+  }
+}
+
+template <typename acc_t>
+static acc_t bin_scale(int64_t B, int64_t e) {
+  return static_cast<acc_t>(std::ldexp(static_cast<double>(B), static_cast<int>(-e)));
+}
+
+template <typename acc_t>
+static acc_t lower_bound_for(int64_t e) {
+  // Values below 2^e were binned already (0 for an empty range: bin everything).
+  return e == kEmptyExp ? acc_t(0) : static_cast<acc_t>(std::ldexp(1.0, static_cast<int>(e)));
+}
+
+template <class Ld>
+static void update_typed(const at::Tensor& x, const Layout& L, float* fst, double* dst, int64_t* ist, int64_t B,
+                         int64_t* hist, int64_t* hexp, int64_t N, int64_t* chist, int64_t* chexp) {
+  using acc_t = typename Ld::acc_t;
+  const int64_t C = L.channels;
+  const acc_t inf = std::numeric_limits<acc_t>::infinity();
+  // Pass 1: statistics, and every value below the current ranges binned.
+  Slot<acc_t> h1{};
+  std::vector<acc_t> cscale, clo;
+  if (B) {
+    h1.B = B;
+    h1.hscale = hexp[0] == kEmptyExp ? acc_t(0) : bin_scale<acc_t>(B, hexp[0]);
+    h1.hlo = hexp[0] == kEmptyExp ? inf : acc_t(0);
+  }
+  if (N) {
+    h1.N = N;
+    cscale.resize(C);
+    clo.resize(C);
+    for (int64_t c = 0; c < C; ++c) {
+      const bool empty = chexp[c] == kEmptyExp;
+      cscale[c] = empty ? acc_t(0) : bin_scale<acc_t>(N, chexp[c]);
+      clo[c] = empty ? inf : acc_t(0);
+    }
+    h1.cscale = cscale.data();
+    h1.clo = clo.data();
+  }
+  run_pass<Ld>(x, L, true, h1, fst, dst, ist, hist, chist);
+  if (!B && !N) return;
+
+  // Grow the ranges to the new absmax; pass 2 bins what lay beyond the old ranges.
+  Slot<acc_t> h2{};
+  bool again = false;
+  if (B) {
+    float amax = -std::numeric_limits<float>::infinity();
+    for (int64_t c = 0; c < C; ++c) amax = std::max(amax, std::max(fst[C + c], -fst[c]));
+    const int64_t e_old = hexp[0];
+    const int64_t e_new = std::max(e_old, exponent_for(amax));
+    if (e_old != kEmptyExp) grow_hist(hist, B, e_old, e_new);
+    hexp[0] = e_new;
+    hexp[1] = e_old;
+    if (e_new != e_old) {
+      again = true;
+      h2.B = B;
+      h2.hscale = bin_scale<acc_t>(B, e_new);
+      h2.hlo = lower_bound_for<acc_t>(e_old);
+    }
+  }
+  if (N) {
+    bool any = false;
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t e_old = chexp[c];
+      const int64_t e_new = std::max(e_old, exponent_for(std::max(fst[C + c], -fst[c])));
+      if (e_old != kEmptyExp) grow_hist(chist + c * N, N, e_old, e_new);
+      chexp[c] = e_new;
+      chexp[C + c] = e_old;
+      cscale[c] = bin_scale<acc_t>(N, e_new);
+      clo[c] = e_new != e_old ? lower_bound_for<acc_t>(e_old) : inf;  // inf: nothing left to bin
+      any |= e_new != e_old;
+    }
+    if (any) {
+      again = true;
+      h2.N = N;
+      h2.cscale = cscale.data();
+      h2.clo = clo.data();
+    }
+  }
+  if (again) run_pass<Ld>(x, L, false, h2, fst, dst, ist, hist, chist);
 }
 
 void channel_stats_update_cpu(const at::Tensor& x_in, int64_t axis, at::Tensor& fstate, at::Tensor& dstate,
-                              at::Tensor& istate) {
-  const int64_t ax = check_channel_stats_args(x_in, axis, fstate, dstate, istate);
+                              at::Tensor& istate, at::Tensor& hist, at::Tensor& hexp, at::Tensor& chist,
+                              at::Tensor& chexp) {
+  const int64_t ax = check_channel_stats_args(x_in, axis, fstate, dstate, istate, hist, hexp, chist, chexp);
   TORCH_CHECK(x_in.device().is_cpu(), "calibfast: the CPU kernel got a tensor on ", x_in.device());
   at::Tensor x = x_in;
   Layout L;
@@ -302,18 +472,24 @@ void channel_stats_update_cpu(const at::Tensor& x_in, int64_t axis, at::Tensor& 
   if (L.rows == 0) return;
   float* fst = fstate.data_ptr<float>();
   double* dst = dstate.data_ptr<double>();
+  const int64_t B = hist.numel();
+  const int64_t N = chist.numel() > 0 ? chist.size(1) : 0;
+  int64_t* hp = B ? hist.data_ptr<int64_t>() : nullptr;
+  int64_t* he = B ? hexp.data_ptr<int64_t>() : nullptr;
+  int64_t* cp = N ? chist.data_ptr<int64_t>() : nullptr;
+  int64_t* ce = N ? chexp.data_ptr<int64_t>() : nullptr;
   switch (x.scalar_type()) {
     case at::kFloat:
-      update_typed<LoadF32>(x, L, fst, dst, ist);
+      update_typed<LoadF32>(x, L, fst, dst, ist, B, hp, he, N, cp, ce);
       break;
     case at::kDouble:
-      update_typed<LoadF64>(x, L, fst, dst, ist);
+      update_typed<LoadF64>(x, L, fst, dst, ist, B, hp, he, N, cp, ce);
       break;
     case at::kHalf:
-      update_typed<LoadF16>(x, L, fst, dst, ist);
+      update_typed<LoadF16>(x, L, fst, dst, ist, B, hp, he, N, cp, ce);
       break;
     case at::kBFloat16:
-      update_typed<LoadBF16>(x, L, fst, dst, ist);
+      update_typed<LoadBF16>(x, L, fst, dst, ist, B, hp, he, N, cp, ce);
       break;
     default:
       TORCH_CHECK(false, "calibfast: unsupported dtype ", x.scalar_type());

@@ -50,6 +50,89 @@ static inline void init_chunk(int64_t n, acc_t* __restrict__ cmn, acc_t* __restr
   }
 }
 
+// ---- histograms ------------------------------------------------------------------------------
+
+// Bin indices of n values (stride cs) for the global histogram: floor(|x| * scale) when |x| >= lo
+// and the result is < B, else B (not binned: NaN, Inf, values beyond the range or below lo).
+// Written without undefined float->int conversions so that it vectorises.
+template <class Ld, bool kUnit>
+static inline void bin_indices(const typename Ld::in_t* __restrict__ p, int64_t n, int64_t cs, typename Ld::acc_t scale,
+                               typename Ld::acc_t lo, int64_t B, int32_t* __restrict__ out) {
+  using acc_t = typename Ld::acc_t;
+  const acc_t Bf = static_cast<acc_t>(B);
+  const int32_t Bi = static_cast<int32_t>(B);
+  for (int64_t c = 0; c < n; ++c) {
+    const acc_t a = std::fabs(Ld::load(p[kUnit ? c : c * cs]));
+    acc_t f = a * scale;
+    f = f < Bf ? f : Bf;
+    const int32_t i = static_cast<int32_t>(f);
+    out[c] = a >= lo ? i : Bi;
+  }
+}
+
+// Same, with a scale and lower bound per channel (channel c0 + c).
+template <class Ld, bool kUnit>
+static inline void channel_bin_indices(const typename Ld::in_t* __restrict__ p, int64_t n, int64_t cs,
+                                       const typename Ld::acc_t* __restrict__ scale,
+                                       const typename Ld::acc_t* __restrict__ lo, int64_t N, int32_t* __restrict__ out) {
+  using acc_t = typename Ld::acc_t;
+  const acc_t Nf = static_cast<acc_t>(N);
+  const int32_t Ni = static_cast<int32_t>(N);
+  for (int64_t c = 0; c < n; ++c) {
+    const acc_t a = std::fabs(Ld::load(p[kUnit ? c : c * cs]));
+    acc_t f = a * scale[c];
+    f = f < Nf ? f : Nf;
+    const int32_t i = static_cast<int32_t>(f);
+    out[c] = a >= lo[c] ? i : Ni;
+  }
+}
+
+// Bins one row: channels [c0, c0 + n) at p (stride cs).
+template <class Ld, bool kUnit>
+static inline void hist_row(const typename Ld::in_t* p, int64_t c0, int64_t n, int64_t cs,
+                            const Slot<typename Ld::acc_t>& s) {
+  if (s.B) {
+    bin_indices<Ld, kUnit>(p, n, cs, s.hscale, s.hlo, s.B, s.idx);
+    const uint32_t B = static_cast<uint32_t>(s.B);
+    for (int64_t c = 0; c < n; ++c) {
+      const uint32_t i = static_cast<uint32_t>(s.idx[c]);
+      if (i < B) s.hist[i] += 1;
+    }
+  }
+  if (s.N) {
+    channel_bin_indices<Ld, kUnit>(p, n, cs, s.cscale + c0, s.clo + c0, s.N, s.idx);
+    const uint32_t N = static_cast<uint32_t>(s.N);
+    int64_t* h = s.chist + c0 * s.N;
+    for (int64_t c = 0; c < n; ++c) {
+      const uint32_t i = static_cast<uint32_t>(s.idx[c]);
+      if (i < N) h[c * s.N + i] += 1;
+    }
+  }
+}
+
+// Bins a contiguous run of n values of channel k.
+template <class Ld>
+static inline void hist_run(const typename Ld::in_t* p, int64_t n, int64_t k, const Slot<typename Ld::acc_t>& s) {
+  if (s.B) {
+    bin_indices<Ld, true>(p, n, 1, s.hscale, s.hlo, s.B, s.idx);
+    const uint32_t B = static_cast<uint32_t>(s.B);
+    for (int64_t j = 0; j < n; ++j) {
+      const uint32_t i = static_cast<uint32_t>(s.idx[j]);
+      if (i < B) s.hist[i] += 1;
+    }
+  }
+  if (s.N) {
+    const typename Ld::acc_t sc = s.cscale[k], lo = s.clo[k];
+    bin_indices<Ld, true>(p, n, 1, sc, lo, s.N, s.idx);
+    const uint32_t N = static_cast<uint32_t>(s.N);
+    int64_t* h = s.chist + k * s.N;
+    for (int64_t j = 0; j < n; ++j) {
+      const uint32_t i = static_cast<uint32_t>(s.idx[j]);
+      if (i < N) h[i] += 1;
+    }
+  }
+}
+
 // ---- row kernels: rows of channels, unit or constant channel stride --------------------------
 
 // Folds R rows (pointers p[0..R)) over channels [0, n) into the chunk accumulators, assuming
@@ -129,13 +212,19 @@ static void rows_range(const typename Ld::in_t* base, const calibfast::Layout& L
     init_chunk(n, cmn, cmx, camn, csum, csabs, cssq);
     int64_t r = rc;
     const in_t* p[8];
+    const bool hist = s.B || s.N;
     for (; r + 8 <= re; r += 8) {
       for (int i = 0; i < 8; ++i) p[i] = base + L.offsets(r + i) + c0 * cs;
       rows_fast<Ld, 8, kUnit>(p, n, cs, cmn, cmx, camn, csum, csabs, cssq);
+      // the 8 rows are still in cache: bin them now (one read of the input from memory)
+      if (hist) {
+        for (int i = 0; i < 8; ++i) hist_row<Ld, kUnit>(p[i], c0, n, cs, s);
+      }
     }
     for (; r < re; ++r) {
       p[0] = base + L.offsets(r) + c0 * cs;
       rows_fast<Ld, 1, kUnit>(p, n, cs, cmn, cmx, camn, csum, csabs, cssq);
+      if (hist) hist_row<Ld, kUnit>(p[0], c0, n, cs, s);
     }
     // A NaN or +-Inf makes sum |x| non-finite; so does a float partial sum that overflowed on
     // huge finite values (|x|^2 beyond FLT_MAX). Either way the chunk is redone by the masked
@@ -158,9 +247,8 @@ template <class Ld>
 static void run_fold(const typename Ld::in_t* __restrict__ p, int64_t n, int64_t k, const Slot<typename Ld::acc_t>& s) {
   using acc_t = typename Ld::acc_t;
   const acc_t inf = std::numeric_limits<acc_t>::infinity();
-  constexpr int64_t kBlock = kChunk * kLanes;
-  for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
-    const int64_t bn = std::min(n - b0, kBlock);
+  for (int64_t b0 = 0; b0 < n; b0 += kRunBlock) {
+    const int64_t bn = std::min(n - b0, kRunBlock);
     const typename Ld::in_t* __restrict__ q = p + b0;
     acc_t mn[kLanes], mx[kLanes], amn[kLanes], sm[kLanes], sa[kLanes], sq[kLanes];
     for (int l = 0; l < kLanes; ++l) {
@@ -198,6 +286,7 @@ static void run_fold(const typename Ld::in_t* __restrict__ p, int64_t n, int64_t
     for (int l = 0; l < kLanes; ++l) {
       any_bad |= ((sa[l] - sa[l]) != (sa[l] - sa[l])) | ((sq[l] - sq[l]) != (sq[l] - sq[l]));
     }
+    if (s.B || s.N) hist_run<Ld>(q, bn, k, s);
     if (any_bad) {
       for (int64_t j = 0; j < bn; ++j) row_slow<Ld>(q + j, k, 1, 0, s);
       continue;
@@ -244,5 +333,34 @@ static void runs_task(const void* data, const calibfast::Layout& L, int64_t p0, 
     const int64_t q = pi / C;
     const int64_t c = pi - q * C;
     run_fold<Ld>(base + L.outer(q) + c * L.channel_stride, L.run, c, s);
+  }
+}
+
+// Histogram-only passes (after a range grew): rows [r0, r1) x channels [c0, c0 + n).
+template <class Ld>
+static void rows_hist_task(const void* data, const calibfast::Layout& L, int64_t r0, int64_t r1, int64_t c0,
+                           int64_t n, const Slot<typename Ld::acc_t>& s) {
+  const auto* base = static_cast<const typename Ld::in_t*>(data);
+  const int64_t cs = L.channel_stride;
+  for (int64_t r = r0; r < r1; ++r) {
+    const typename Ld::in_t* p = base + L.offsets(r) + c0 * cs;
+    if (cs == 1) {
+      hist_row<Ld, true>(p, c0, n, 1, s);
+    } else {
+      hist_row<Ld, false>(p, c0, n, cs, s);
+    }
+  }
+}
+
+template <class Ld>
+static void runs_hist_task(const void* data, const calibfast::Layout& L, int64_t p0, int64_t p1,
+                           const Slot<typename Ld::acc_t>& s) {
+  const auto* base = static_cast<const typename Ld::in_t*>(data);
+  const int64_t C = L.channels;
+  for (int64_t pi = p0; pi < p1; ++pi) {
+    const int64_t q = pi / C;
+    const int64_t c = pi - q * C;
+    const typename Ld::in_t* p = base + L.outer(q) + c * L.channel_stride;
+    for (int64_t b0 = 0; b0 < L.run; b0 += kRunBlock) hist_run<Ld>(p + b0, std::min(L.run - b0, kRunBlock), c, s);
   }
 }

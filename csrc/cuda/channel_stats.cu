@@ -421,8 +421,9 @@ void update_typed(const at::Tensor& x, const Layout& L, float* fst, double* dst,
 }  // namespace
 
 void channel_stats_update_cuda(const at::Tensor& x_in, int64_t axis, at::Tensor& fstate, at::Tensor& dstate,
-                               at::Tensor& istate) {
-  const int64_t ax = check_channel_stats_args(x_in, axis, fstate, dstate, istate);
+                               at::Tensor& istate, at::Tensor& hist, at::Tensor& hexp,
+                               at::Tensor& chist, at::Tensor& chexp) {
+  const int64_t ax = check_channel_stats_args(x_in, axis, fstate, dstate, istate, hist, hexp, chist, chexp);
   TORCH_CHECK(x_in.is_cuda(), "calibfast: the CUDA kernel got a tensor on ", x_in.device());
   const c10::cuda::CUDAGuard guard(x_in.device());
   at::Tensor x = x_in;

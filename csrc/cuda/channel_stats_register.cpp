@@ -7,7 +7,8 @@
 namespace calibfast {
 namespace cuda {
 void channel_stats_update_cuda(const at::Tensor& x, int64_t axis, at::Tensor& fstate, at::Tensor& dstate,
-                               at::Tensor& istate);
+                               at::Tensor& istate, at::Tensor& hist, at::Tensor& hexp,
+                               at::Tensor& chist, at::Tensor& chexp);
 }  // namespace cuda
 }  // namespace calibfast
 

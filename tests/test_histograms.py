@@ -1,0 +1,164 @@
+"""Histograms of |x|: exact, batch- and order-independent, mergeable, bounded memory."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from calibfast import ChannelStats
+from calibfast import _reference
+
+from conftest import DEVICES, native_on
+from test_channel_stats import LAYOUTS, _make, _special, _view, assert_stats_match
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+def _oracle_hist(x, axis, bins, e, per_channel=False):
+    """Independent count: floor(|x| * bins / 2^e) in float64 (exact for every input dtype)."""
+    xm = x.movedim(axis, -1).reshape(-1, x.shape[axis]).double().cpu()
+    a = xm.abs()
+    fin = torch.isfinite(xm)
+    if not per_channel:
+        idx = torch.floor(a * bins / 2.0 ** e)
+        ok = fin & (idx < bins)
+        return torch.bincount(idx[ok].long(), minlength=bins)
+    C = xm.shape[1]
+    out = torch.zeros(C, bins, dtype=torch.int64)
+    for c in range(C):
+        idx = torch.floor(a[:, c] * bins / 2.0 ** float(e[c]))
+        ok = fin[:, c] & (idx < bins)
+        out[c] = torch.bincount(idx[ok].long(), minlength=bins)
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,axis,how", LAYOUTS, ids=lambda v: str(v))
+def test_native_histograms_match_reference_and_oracle(device, dtype, shape, axis, how):
+    if not native_on(device):
+        pytest.skip(f"no native kernel for {device}")
+    x = _view(_special(_make(shape, dtype, device, kind="heavy")), how)
+    y = _view(_make(shape, dtype, device, scale=40.0), how)  # grows the ranges
+    a = ChannelStats(axis=axis, bins=64, channel_bins=16)
+    b = ChannelStats(axis=axis, bins=64, channel_bins=16, backend="reference")
+    for t in (x, y, x):
+        a.update(t)
+        b.update(t)
+        assert_stats_match(a, b, dtype)
+    if x.numel() == 0:
+        return
+    seen = torch.stack([x, y, x])  # the three updates, channel axis shifted by one
+    e = int(a.hist_exp)
+    assert torch.equal(a.hist.cpu(), _oracle_hist(seen, axis % x.dim() + 1, 64, e))
+    ce = a.channel_hist_exp.cpu()
+    assert torch.equal(a.channel_hist.cpu(), _oracle_hist(seen, axis % x.dim() + 1, 16, ce, True))
+
+
+def test_range_invariant_and_counts():
+    x = torch.randn(500, 32) * 7
+    s = ChannelStats(bins=2048, channel_bins=128).update(x)
+    amax = float(s.absmax.max())
+    assert s.hist_max / 2 <= amax < s.hist_max  # at least half the bins cover [0, amax]
+    assert int(s.hist.sum()) == x.numel()
+    cm = s.channel_hist_max
+    assert torch.all(cm / 2 <= s.absmax.double()) and torch.all(s.absmax.double() < cm)
+    assert torch.equal(s.channel_hist.sum(1), s.finite_count)
+    assert float(s.hist_max) == 2.0 ** int(s.hist_exp)
+
+
+def test_nonfinite_values_are_not_binned():
+    x = torch.tensor([[1.0, float("nan")], [float("inf"), -2.0], [-float("inf"), 0.5]])
+    s = ChannelStats(bins=8, channel_bins=4).update(x)
+    assert int(s.hist.sum()) == 3
+    assert s.channel_hist.sum(1).tolist() == [1, 2]
+    # range 4 (2 < 4): bin width 0.5 -> 1.0 in bin 2, 2.0 in bin 4, 0.5 in bin 1
+    assert s.hist.tolist() == [0, 1, 1, 0, 1, 0, 0, 0]
+
+
+def test_all_zero_and_tiny_data():
+    s = ChannelStats(bins=16).update(torch.zeros(10, 3))
+    assert int(s.hist_exp) == _reference.MIN_EXP and s.hist[0] == 30
+    s.update(torch.full((2, 3), 1e-40, dtype=torch.float64))  # below float32 range
+    assert s.hist[0] == 36
+    s.update(torch.full((1, 3), 3.0))
+    assert int(s.hist_exp) == 2 and s.hist[0] == 36 and s.hist[12] == 3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_growth_by_many_octaves_in_one_batch(device):
+    x = torch.randn(200, 8, device=device) * 1e-3
+    y = torch.randn(200, 8, device=device) * 1e6  # ~30 doublings: everything seen so far lands in bin 0
+    s = ChannelStats(bins=32, channel_bins=8).update(x).update(y)
+    r = ChannelStats(bins=32, channel_bins=8, backend="reference").update(x).update(y)
+    assert_stats_match(s, r, torch.float32)
+    assert int(s.hist[0]) >= 200 * 8 and int(s.channel_hist[:, 0].sum()) >= 200 * 8
+    assert torch.equal(s.hist, ChannelStats(bins=32).update(torch.cat([y, x])).hist)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_counts_do_not_depend_on_batching_or_order(data):
+    n = data.draw(st.integers(1, 300))
+    C = data.draw(st.integers(1, 9))
+    dtype = data.draw(st.sampled_from(DTYPES))
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2 ** 31 - 1)))
+    scales = torch.tensor([10.0 ** data.draw(st.integers(-3, 3)) for _ in range(n)])
+    x = (torch.randn(n, C, generator=g, dtype=torch.float64) * scales[:, None]).to(dtype)
+    cuts = sorted(data.draw(st.lists(st.integers(0, n), max_size=5)))
+    bounds = [0] + cuts + [n]
+    chunks = [x[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    order = data.draw(st.permutations(list(range(len(chunks)))))
+    whole = ChannelStats(bins=64, channel_bins=8).update(x)
+    streamed = ChannelStats(bins=64, channel_bins=8)
+    merged = ChannelStats(bins=64, channel_bins=8)
+    for i in order:
+        streamed.update(chunks[i])
+        merged.merge(ChannelStats(bins=64, channel_bins=8).update(chunks[i]))
+    for s in (streamed, merged):
+        assert torch.equal(s.hist, whole.hist) and torch.equal(s.hist_exp, whole.hist_exp)
+        assert torch.equal(s.channel_hist, whole.channel_hist)
+        assert torch.equal(s.channel_hist_exp, whole.channel_hist_exp)
+
+
+def test_bad_bins_and_merge_mismatch_leave_state_unchanged():
+    for bad in (3, 1, 1000, -2):
+        with pytest.raises(ValueError, match="power of two"):
+            ChannelStats(bins=bad)
+    with pytest.raises(ValueError, match="channel_bins"):
+        ChannelStats(channel_bins=100)
+    a = ChannelStats(bins=64).update(torch.randn(10, 4))
+    b = ChannelStats(bins=128).update(torch.randn(10, 4))
+    sa, sb = a.state_dict(), b.state_dict()
+    with pytest.raises(ValueError, match="bins=64.*bins=128"):
+        a.merge(b)
+    for s, d in ((a, sa), (b, sb)):
+        for k, v in s.state_dict().items():
+            assert torch.equal(v, d[k]), k
+    with pytest.raises(RuntimeError, match="channel_bins"):
+        a.channel_hist
+    with pytest.raises(RuntimeError, match="bins=0"):
+        ChannelStats(bins=0).update(torch.ones(2, 2)).hist
+
+
+def test_op_rejects_bad_histogram_arguments():
+    op = torch.ops.calibfast.channel_stats_update
+    s = ChannelStats(num_channels=4)
+    x = torch.randn(3, 4)
+    with pytest.raises(RuntimeError, match="power-of-two"):
+        op(x, -1, s._f, s._d, s._i, torch.zeros(100, dtype=torch.int64), s._he, s._ch, s._che)
+    with pytest.raises(RuntimeError, match="hexp must be int64"):
+        op(x, -1, s._f, s._d, s._i, s._h, torch.zeros(3, dtype=torch.int64), s._ch, s._che)
+    with pytest.raises(RuntimeError, match="chist must have shape"):
+        op(x, -1, s._f, s._d, s._i, s._h, s._he, torch.zeros(5, 8, dtype=torch.int64), s._che)
+    assert int(s.hist.sum()) == 0 and int(s.count.sum()) == 0
+
+
+def test_state_dict_round_trip_with_histograms():
+    s = ChannelStats(bins=32, channel_bins=8).update(torch.randn(50, 6) * 3)
+    t = ChannelStats().load_state_dict(s.state_dict())
+    assert t.bins == 32 and t.channel_bins == 8
+    x = torch.randn(20, 6) * 100
+    s.update(x)
+    t.update(x)
+    assert_stats_match(t, s, torch.float32)
