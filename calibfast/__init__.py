@@ -15,6 +15,7 @@ _native.load()
 
 from ._native import cpu_capability, native_backends  # noqa: E402
 from .hooks import Collector, channel_axis, collect  # noqa: E402
+from .quantize import QParams, fake_quantize, qparams  # noqa: E402
 from .stats import ChannelStats  # noqa: E402
 
 __all__ = [
@@ -24,5 +25,8 @@ __all__ = [
     "collect",
     "cpu_capability",
     "native_backends",
+    "QParams",
+    "fake_quantize",
+    "qparams",
     "__version__",
 ]

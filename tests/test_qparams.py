@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 from torch.ao.quantization.observer import MinMaxObserver, PerChannelMinMaxObserver
 
 from calibfast import ChannelStats
-from calibfast.qparams import DTYPES, QParams, fake_quantize, qparams
+from calibfast.quantize import DTYPES, QParams, fake_quantize, qparams
 
 from conftest import DEVICES
 

@@ -36,7 +36,7 @@ namespace cuda {
 namespace {
 
 constexpr int kWarps = 8;        // rows handled side by side in a block of the row kernel
-constexpr int kUnroll = 4;       // rows each thread loads before using any (bytes in flight)
+constexpr int kUnroll = 4;       // values each thread loads before using any (bytes in flight)
 constexpr int kRunThreads = 256; // threads per block of the run kernel
 
 // ---- loads --------------------------------------------------------------------------------
@@ -134,19 +134,68 @@ __device__ __forceinline__ void commit(int64_t C, int64_t c, acc_t mn, acc_t mx,
   if (ninf) atomicAdd(ist + 2 * C + c, ninf);
 }
 
+// ---- histograms ----------------------------------------------------------------------------
+// A value a = |x| is binned at floor(a * B * 2^-e) (exact: a power-of-two scale) when that is < B;
+// see calibfast/_reference.py. Pass 1 (with the statistics) bins at the ranges the update started
+// with; a grow kernel then widens the ranges from the new absmax, merging bins; pass 2 (launched
+// always, exiting at once when no range grew, so that no host synchronisation is needed) bins the
+// values that lay beyond the old ranges.
+constexpr int kSmemBins = 4096;  // a global histogram up to this size is gathered in shared memory
+
+struct HistParams {
+  unsigned long long* hist = nullptr;  // [B]
+  int64_t B = 0;
+  int64_t* hexp = nullptr;             // [2]: current exponent, exponent before this update
+  unsigned long long* chist = nullptr; // [C, N]
+  int64_t N = 0;
+  int64_t* chexp = nullptr;            // [2, C]
+};
+
+// Binning parameters of one histogram for one pass: values with lo <= a and a * scale < bins.
+template <typename acc_t>
+struct BinRule {
+  acc_t scale = 0;
+  acc_t lo = INFINITY;  // +inf: bin nothing
+};
+
+template <typename acc_t>
+__device__ __forceinline__ BinRule<acc_t> bin_rule(bool stats_pass, int64_t bins, int64_t e_now, int64_t e_prev) {
+  BinRule<acc_t> r;
+  if (stats_pass) {
+    if (e_now != kEmptyExp) {  // empty: nothing can be binned before the range is known
+      r.scale = static_cast<acc_t>(ldexp(static_cast<double>(bins), static_cast<int>(-e_now)));
+      r.lo = 0;
+    }
+  } else if (e_now != e_prev) {  // the range grew: bin what lay at or beyond the old one
+    r.scale = static_cast<acc_t>(ldexp(static_cast<double>(bins), static_cast<int>(-e_now)));
+    r.lo = e_prev == kEmptyExp ? acc_t(0) : static_cast<acc_t>(ldexp(1.0, static_cast<int>(e_prev)));
+  }
+  return r;
+}
+
+// Bin of a (finite or not) value under a rule, or -1.
+template <typename acc_t>
+__device__ __forceinline__ int bin_of(acc_t v, const BinRule<acc_t>& r, int64_t bins) {
+  const acc_t a = fabs(v);
+  const acc_t t = a * r.scale;
+  return (a >= r.lo && t < static_cast<acc_t>(bins)) ? static_cast<int>(t) : -1;  // NaN, Inf: -1
+}
+
 // ---- the row kernel (kRows, kStrided) -----------------------------------------------------
-template <class Ld, int VEC, bool kUnit>
+// kStats: statistics and histogram pass 1; otherwise histogram pass 2 only.
+template <class Ld, int VEC, bool kUnit, bool kStats>
 __global__ void __launch_bounds__(32 * kWarps) rows_kernel(const typename Ld::in_t* __restrict__ x, RowOffsets off,
                                                             int64_t rows, int64_t C, int64_t cs,
                                                             int64_t rows_per_block, float* __restrict__ fst,
                                                             double* __restrict__ dst,
-                                                            unsigned long long* __restrict__ ist) {
+                                                            unsigned long long* __restrict__ ist, HistParams hp) {
   using acc_t = typename Ld::acc_t;
   using in_t = typename Ld::in_t;
   constexpr int kTile = 32 * VEC;  // channels per block
-  __shared__ double red[kWarps][kTile];
+  __shared__ double red[kStats ? kWarps : 1][kTile];
   __shared__ unsigned int snan[kTile];
   __shared__ unsigned int sinf[kTile];
+  __shared__ unsigned int shist[kSmemBins];
 
   const int tx = threadIdx.x;
   const int ty = threadIdx.y;
@@ -154,10 +203,32 @@ __global__ void __launch_bounds__(32 * kWarps) rows_kernel(const typename Ld::in
   const int64_t tile0 = static_cast<int64_t>(blockIdx.x) * kTile;
   const int64_t c0 = tile0 + static_cast<int64_t>(tx) * VEC;
   const bool active = c0 < C;  // VEC > 1 only when C % VEC == 0, so the whole pack is in range
+  // Rows loaded ahead per thread: 4 x 16 bytes, or 2 x 16 bytes for 16-bit inputs, whose eight
+  // channels per thread already take many registers.
+  constexpr int kUnroll = VEC >= 8 ? 2 : 4;
+
+  // Histogram rules for this pass (uniform over the block for the global one).
+  BinRule<acc_t> grule;
+  if (hp.B) grule = bin_rule<acc_t>(kStats, hp.B, hp.hexp[0], hp.hexp[1]);
+  const bool gon = grule.lo != INFINITY;
+  const bool gsmem = gon && hp.B <= kSmemBins;
+  BinRule<acc_t> crule[VEC];
+  bool con = false;
+  if (hp.N && active) {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      crule[j] = bin_rule<acc_t>(kStats, hp.N, hp.chexp[c0 + j], hp.chexp[C + c0 + j]);
+      con |= crule[j].lo != INFINITY;
+    }
+  }
+  if (!kStats && !__syncthreads_or(gon || con)) return;  // pass 2 with nothing to bin
 
   for (int i = tid; i < kTile; i += 32 * kWarps) {
     snan[i] = 0;
     sinf[i] = 0;
+  }
+  if (gsmem) {
+    for (int i = tid; i < hp.B; i += 32 * kWarps) shist[i] = 0;
   }
   __syncthreads();
 
@@ -193,12 +264,26 @@ __global__ void __launch_bounds__(32 * kWarps) rows_kernel(const typename Ld::in
 #pragma unroll
           for (int j = 0; j < VEC; ++j) {
             const acc_t f = Ld::load(v[u][j]);
-            if (!acc[j].add(f)) {
+            if (kStats && !acc[j].add(f)) {
               if (isnan(f)) {
                 atomicAdd(&snan[tx * VEC + j], 1u);
               } else {
                 atomicAdd(&sinf[tx * VEC + j], 1u);
               }
+            }
+            if (gon) {
+              const int b = bin_of(f, grule, hp.B);
+              if (b >= 0) {
+                if (gsmem) {
+                  atomicAdd(&shist[b], 1u);
+                } else {
+                  atomicAdd(hp.hist + b, 1ull);
+                }
+              }
+            }
+            if (con) {
+              const int b = bin_of(f, crule[j], hp.N);
+              if (b >= 0) atomicAdd(hp.chist + (c0 + j) * hp.N + b, 1ull);
             }
           }
         }
@@ -206,12 +291,20 @@ __global__ void __launch_bounds__(32 * kWarps) rows_kernel(const typename Ld::in
     }
   }
 
+  if (gsmem) {
+    __syncthreads();
+    for (int i = tid; i < hp.B; i += 32 * kWarps) {
+      if (shist[i]) atomicAdd(hp.hist + i, static_cast<unsigned long long>(shist[i]));
+    }
+  }
+  if (!kStats) return;
+
   // Reduce the kWarps partial results of each channel; thread t finishes channel t of the tile.
   const int64_t ct = tile0 + tid;
   const bool owner = tid < kTile && ct < C;
   acc_t mn = INFINITY, mx = -INFINITY, amn = INFINITY;
   double s = 0, sa = 0, sq = 0;
-#define CALIBFAST_REDUCE(field, out, op)                                   \
+#define CALIBFAST_REDUCE(field, op)                                        \
   __syncthreads();                                                         \
   _Pragma("unroll") for (int j = 0; j < VEC; ++j) red[ty][tx * VEC + j] = \
       static_cast<double>(acc[j].field);                                  \
@@ -222,12 +315,12 @@ __global__ void __launch_bounds__(32 * kWarps) rows_kernel(const typename Ld::in
       op;                                                                  \
     }                                                                      \
   }
-  CALIBFAST_REDUCE(mn, mn, mn = q < mn ? static_cast<acc_t>(q) : mn)
-  CALIBFAST_REDUCE(mx, mx, mx = q > mx ? static_cast<acc_t>(q) : mx)
-  CALIBFAST_REDUCE(amn, amn, amn = q < amn ? static_cast<acc_t>(q) : amn)
-  CALIBFAST_REDUCE(s, s, s += q)
-  CALIBFAST_REDUCE(sa, sa, sa += q)
-  CALIBFAST_REDUCE(sq, sq, sq += q)
+  CALIBFAST_REDUCE(mn, mn = q < mn ? static_cast<acc_t>(q) : mn)
+  CALIBFAST_REDUCE(mx, mx = q > mx ? static_cast<acc_t>(q) : mx)
+  CALIBFAST_REDUCE(amn, amn = q < amn ? static_cast<acc_t>(q) : amn)
+  CALIBFAST_REDUCE(s, s += q)
+  CALIBFAST_REDUCE(sa, sa += q)
+  CALIBFAST_REDUCE(sq, sq += q)
 #undef CALIBFAST_REDUCE
   if (owner) {
     commit<acc_t>(C, ct, mn, mx, amn, s, sa, sq, snan[tid], sinf[tid], fst, dst, ist);
@@ -261,19 +354,34 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;
 }
 
-template <class Ld>
+template <class Ld, bool kStats>
 __global__ void __launch_bounds__(kRunThreads) runs_kernel(const typename Ld::in_t* __restrict__ x, RowOffsets outer,
                                                            int64_t Q, int64_t run, int64_t C, int64_t cs,
                                                            int64_t q_per_block, float* __restrict__ fst,
                                                            double* __restrict__ dst,
-                                                           unsigned long long* __restrict__ ist) {
+                                                           unsigned long long* __restrict__ ist, HistParams hp) {
   using acc_t = typename Ld::acc_t;
   constexpr int kW = kRunThreads / 32;
   __shared__ double red[6][kW];
   __shared__ unsigned long long cnt[2][kW];
+  __shared__ unsigned int shist[kSmemBins];
   const int64_t c = blockIdx.x;
   const int64_t q0 = static_cast<int64_t>(blockIdx.y) * q_per_block;
   const int64_t q1 = min(Q, q0 + q_per_block);
+
+  BinRule<acc_t> grule, crule;
+  if (hp.B) grule = bin_rule<acc_t>(kStats, hp.B, hp.hexp[0], hp.hexp[1]);
+  if (hp.N) crule = bin_rule<acc_t>(kStats, hp.N, hp.chexp[c], hp.chexp[C + c]);
+  const bool gon = grule.lo != INFINITY;  // uniform over the block
+  const bool con = crule.lo != INFINITY;
+  const bool gsmem = gon && hp.B <= kSmemBins;
+  if (!kStats && !gon && !con) return;  // pass 2 with nothing to bin
+  if (gsmem) {
+    for (int i = threadIdx.x; i < hp.B; i += kRunThreads) shist[i] = 0;
+    __syncthreads();
+  }
+  unsigned long long* chist = hp.chist + c * hp.N;
+
   Acc<acc_t> acc;
   acc.init();
   unsigned long long nnan = 0, ninf = 0;
@@ -290,14 +398,35 @@ __global__ void __launch_bounds__(kRunThreads) runs_kernel(const typename Ld::in
       for (int u = 0; u < kUnroll; ++u) {
         if (i0 + u * kRunThreads < run) {
           const acc_t f = Ld::load(v[u]);
-          if (!acc.add(f)) {
+          if (kStats && !acc.add(f)) {
             nnan += isnan(f) ? 1 : 0;
             ninf += isnan(f) ? 0 : 1;
+          }
+          if (gon) {
+            const int b = bin_of(f, grule, hp.B);
+            if (b >= 0) {
+              if (gsmem) {
+                atomicAdd(&shist[b], 1u);
+              } else {
+                atomicAdd(hp.hist + b, 1ull);
+              }
+            }
+          }
+          if (con) {
+            const int b = bin_of(f, crule, hp.N);
+            if (b >= 0) atomicAdd(chist + b, 1ull);
           }
         }
       }
     }
   }
+  if (gsmem) {
+    __syncthreads();
+    for (int i = threadIdx.x; i < hp.B; i += kRunThreads) {
+      if (shist[i]) atomicAdd(hp.hist + i, static_cast<unsigned long long>(shist[i]));
+    }
+  }
+  if (!kStats) return;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const double wmn = warp_min(static_cast<double>(acc.mn));
@@ -338,6 +467,88 @@ __global__ void __launch_bounds__(kRunThreads) runs_kernel(const typename Ld::in
   }
 }
 
+// ---- growing the ranges (after pass 1) ------------------------------------------------------
+__device__ __forceinline__ int64_t exponent_for(float amax) {
+  if (isinf(amax)) return kMaxExp;
+  if (!(amax > 0.0f)) return kMinExp;
+  int e = 0;
+  frexp(static_cast<double>(amax), &e);
+  const int64_t ee = e;
+  return ee < kMinExp ? kMinExp : (ee > kMaxExp ? kMaxExp : ee);
+}
+
+// Merges 2^(e_new - e_old) adjacent bins of h[0..bins) in place, with the whole block. Targets
+// are written in increasing chunks; a chunk's sources lie at or after its own targets and after
+// every target written before, so nothing is read after being overwritten.
+__device__ void fold_bins(unsigned long long* h, int64_t bins, int64_t e_old, int64_t e_new) {
+  __shared__ unsigned long long total;
+  if (e_old == kEmptyExp || e_new <= e_old) return;
+  const int64_t shift = e_new - e_old < 62 ? e_new - e_old : 62;
+  if (shift >= 62 || (int64_t(1) << shift) >= bins) {
+    if (threadIdx.x == 0) total = 0;
+    __syncthreads();
+    unsigned long long part = 0;
+    for (int64_t i = threadIdx.x; i < bins; i += blockDim.x) part += h[i];
+    atomicAdd(&total, part);
+    __syncthreads();
+    for (int64_t i = threadIdx.x; i < bins; i += blockDim.x) h[i] = i == 0 ? total : 0ull;
+    return;
+  }
+  const int64_t f = int64_t(1) << shift;
+  const int64_t targets = bins >> shift;
+  for (int64_t base = 0; base < targets; base += blockDim.x) {
+    const int64_t i = base + threadIdx.x;
+    unsigned long long sum = 0;
+    if (i < targets) {
+      for (int64_t k = 0; k < f; ++k) sum += h[i * f + k];
+    }
+    __syncthreads();
+    if (i < targets) h[i] = sum;
+    __syncthreads();
+  }
+  for (int64_t i = targets + threadIdx.x; i < bins; i += blockDim.x) h[i] = 0;
+}
+
+// One block: the global histogram's range from the absmax over all channels.
+__global__ void __launch_bounds__(1024) grow_hist_kernel(const float* __restrict__ fst, int64_t C,
+                                                         unsigned long long* hist, int64_t B, int64_t* hexp) {
+  __shared__ float wmax[32];
+  float m = -INFINITY;
+  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) m = fmaxf(m, fmaxf(fst[C + c], -fst[c]));
+  m = warp_max(m);
+  if ((threadIdx.x & 31) == 0) wmax[threadIdx.x >> 5] = m;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    m = threadIdx.x < (blockDim.x + 31) / 32 ? wmax[threadIdx.x] : -INFINITY;
+    m = warp_max(m);
+    if (threadIdx.x == 0) wmax[0] = m;
+  }
+  __syncthreads();
+  const int64_t e_old = hexp[0];
+  const int64_t e_new = max(e_old, exponent_for(wmax[0]));
+  fold_bins(hist, B, e_old, e_new);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    hexp[0] = e_new;
+    hexp[1] = e_old;
+  }
+}
+
+// One block per channel: the per-channel histograms' ranges.
+__global__ void __launch_bounds__(256) grow_channel_hist_kernel(const float* __restrict__ fst, int64_t C,
+                                                                unsigned long long* chist, int64_t N,
+                                                                int64_t* chexp) {
+  const int64_t c = blockIdx.x;
+  const int64_t e_old = chexp[c];
+  const int64_t e_new = max(e_old, exponent_for(fmaxf(fst[C + c], -fst[c])));
+  fold_bins(chist + c * N, N, e_old, e_new);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    chexp[c] = e_new;
+    chexp[C + c] = e_old;
+  }
+}
+
 int sm_count(int device) {
   static int cached[64] = {0};
   if (device < 0 || device >= 64) return 132;
@@ -351,7 +562,7 @@ int sm_count(int device) {
 
 template <class Ld, int VEC, bool kUnit>
 void launch_rows(const at::Tensor& x, const Layout& L, float* fst, double* dst, unsigned long long* ist,
-                 cudaStream_t stream, int sms) {
+                 const HistParams& hp, bool stats, cudaStream_t stream, int sms) {
   constexpr int kTile = 32 * VEC;
   const int64_t tiles = (L.channels + kTile - 1) / kTile;
   TORCH_CHECK(tiles <= 0x7fffffff, "calibfast: too many channels for one launch: ", L.channels);
@@ -363,15 +574,20 @@ void launch_rows(const at::Tensor& x, const Layout& L, float* fst, double* dst, 
   gy = (L.rows + rows_per_block - 1) / rows_per_block;
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(gy));
   const dim3 block(32, kWarps);
-  rows_kernel<Ld, VEC, kUnit><<<grid, block, 0, stream>>>(
-      static_cast<const typename Ld::in_t*>(x.const_data_ptr()), L.offsets, L.rows, L.channels, L.channel_stride,
-      rows_per_block, fst, dst, ist);
+  const auto* xp = static_cast<const typename Ld::in_t*>(x.const_data_ptr());
+  if (stats) {
+    rows_kernel<Ld, VEC, kUnit, true><<<grid, block, 0, stream>>>(xp, L.offsets, L.rows, L.channels,
+                                                                  L.channel_stride, rows_per_block, fst, dst, ist, hp);
+  } else {
+    rows_kernel<Ld, VEC, kUnit, false><<<grid, block, 0, stream>>>(xp, L.offsets, L.rows, L.channels,
+                                                                   L.channel_stride, rows_per_block, fst, dst, ist, hp);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <class Ld>
 void launch_runs(const at::Tensor& x, const Layout& L, float* fst, double* dst, unsigned long long* ist,
-                 cudaStream_t stream, int sms) {
+                 const HistParams& hp, bool stats, cudaStream_t stream, int sms) {
   TORCH_CHECK(L.channels <= 0x7fffffff, "calibfast: too many channels for one launch: ", L.channels);
   const int64_t Q = L.rows / L.run;
   const int64_t want = (4 * static_cast<int64_t>(sms) + L.channels - 1) / L.channels;
@@ -381,9 +597,14 @@ void launch_runs(const at::Tensor& x, const Layout& L, float* fst, double* dst, 
   const int64_t q_per_block = (Q + gy - 1) / gy;
   gy = (Q + q_per_block - 1) / q_per_block;
   const dim3 grid(static_cast<unsigned>(L.channels), static_cast<unsigned>(gy));
-  runs_kernel<Ld><<<grid, kRunThreads, 0, stream>>>(static_cast<const typename Ld::in_t*>(x.const_data_ptr()),
-                                                    L.outer, Q, L.run, L.channels, L.channel_stride, q_per_block,
-                                                    fst, dst, ist);
+  const auto* xp = static_cast<const typename Ld::in_t*>(x.const_data_ptr());
+  if (stats) {
+    runs_kernel<Ld, true><<<grid, kRunThreads, 0, stream>>>(xp, L.outer, Q, L.run, L.channels, L.channel_stride,
+                                                            q_per_block, fst, dst, ist, hp);
+  } else {
+    runs_kernel<Ld, false><<<grid, kRunThreads, 0, stream>>>(xp, L.outer, Q, L.run, L.channels, L.channel_stride,
+                                                             q_per_block, fst, dst, ist, hp);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -399,23 +620,43 @@ bool rows_aligned(const at::Tensor& x, const Layout& L, int64_t vec) {
 }
 
 template <class Ld>
-void update_typed(const at::Tensor& x, const Layout& L, float* fst, double* dst, unsigned long long* ist,
-                  cudaStream_t stream, int sms) {
+void launch_pass(const at::Tensor& x, const Layout& L, float* fst, double* dst, unsigned long long* ist,
+                 const HistParams& hp, bool stats, cudaStream_t stream, int sms) {
   constexpr int kVec = static_cast<int>(16 / sizeof(typename Ld::in_t));  // 16-byte loads
   switch (L.mode) {
     case Mode::kRuns:
-      launch_runs<Ld>(x, L, fst, dst, ist, stream, sms);
+      launch_runs<Ld>(x, L, fst, dst, ist, hp, stats, stream, sms);
       break;
     case Mode::kRows:
       if (rows_aligned(x, L, kVec)) {
-        launch_rows<Ld, kVec, true>(x, L, fst, dst, ist, stream, sms);
+        launch_rows<Ld, kVec, true>(x, L, fst, dst, ist, hp, stats, stream, sms);
       } else {
-        launch_rows<Ld, 1, true>(x, L, fst, dst, ist, stream, sms);
+        launch_rows<Ld, 1, true>(x, L, fst, dst, ist, hp, stats, stream, sms);
       }
       break;
     default:
-      launch_rows<Ld, 1, false>(x, L, fst, dst, ist, stream, sms);
+      launch_rows<Ld, 1, false>(x, L, fst, dst, ist, hp, stats, stream, sms);
   }
+}
+
+// Pass 1 (statistics + histograms at the current ranges), the range growth, and pass 2 (the
+// values beyond the old ranges; its blocks exit at once when no range grew). All on the stream,
+// nothing read back by the host.
+template <class Ld>
+void update_typed(const at::Tensor& x, const Layout& L, float* fst, double* dst, unsigned long long* ist,
+                  const HistParams& hp, cudaStream_t stream, int sms) {
+  launch_pass<Ld>(x, L, fst, dst, ist, hp, true, stream, sms);
+  if (!hp.B && !hp.N) return;
+  if (hp.B) {
+    grow_hist_kernel<<<1, 1024, 0, stream>>>(fst, L.channels, hp.hist, hp.B, hp.hexp);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if (hp.N) {
+    grow_channel_hist_kernel<<<static_cast<unsigned>(L.channels), 256, 0, stream>>>(fst, L.channels, hp.chist, hp.N,
+                                                                                     hp.chexp);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  launch_pass<Ld>(x, L, fst, dst, ist, hp, false, stream, sms);
 }
 
 }  // namespace
@@ -438,18 +679,29 @@ void channel_stats_update_cuda(const at::Tensor& x_in, int64_t axis, at::Tensor&
   float* fst = fstate.data_ptr<float>();
   double* dst = dstate.data_ptr<double>();
   auto* ist = reinterpret_cast<unsigned long long*>(istate.data_ptr<int64_t>());
+  HistParams hp;
+  if (hist.numel() > 0) {
+    hp.B = hist.numel();
+    hp.hist = reinterpret_cast<unsigned long long*>(hist.data_ptr<int64_t>());
+    hp.hexp = hexp.data_ptr<int64_t>();
+  }
+  if (chist.numel() > 0) {
+    hp.N = chist.size(1);
+    hp.chist = reinterpret_cast<unsigned long long*>(chist.data_ptr<int64_t>());
+    hp.chexp = chexp.data_ptr<int64_t>();
+  }
   switch (x.scalar_type()) {
     case at::kFloat:
-      update_typed<LdF32>(x, L, fst, dst, ist, stream, sms);
+      update_typed<LdF32>(x, L, fst, dst, ist, hp, stream, sms);
       break;
     case at::kDouble:
-      update_typed<LdF64>(x, L, fst, dst, ist, stream, sms);
+      update_typed<LdF64>(x, L, fst, dst, ist, hp, stream, sms);
       break;
     case at::kHalf:
-      update_typed<LdF16>(x, L, fst, dst, ist, stream, sms);
+      update_typed<LdF16>(x, L, fst, dst, ist, hp, stream, sms);
       break;
     case at::kBFloat16:
-      update_typed<LdBF16>(x, L, fst, dst, ist, stream, sms);
+      update_typed<LdBF16>(x, L, fst, dst, ist, hp, stream, sms);
       break;
     default:
       TORCH_CHECK(false, "calibfast: unsupported dtype ", x.scalar_type());
