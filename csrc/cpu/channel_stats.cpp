@@ -15,6 +15,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <mutex>
 #include <limits>
 #include <string>
 #include <vector>
@@ -26,6 +27,7 @@ namespace cpu {
 
 constexpr int64_t kChunk = 64;  // rows (row kernels) or values per lane (run kernels) per chunk
 constexpr int kLanes = 16;      // independent accumulators in the run kernels
+constexpr int kSubHists = 2;    // interleaved copies of the global histogram per thread
 
 // ---- loads: exact conversions to the accumulation type -------------------------------------
 struct LoadF32 {
@@ -92,15 +94,47 @@ struct Slot {
   int64_t* nan;
   int64_t* inf;
   // Histograms (B or N == 0: off). A value a = |x| with a >= lo lands in bin floor(a * scale)
-  // when that is < B; the counts go to this thread's private arrays.
+  // when that is < B. Counts go to this thread's int32 counters (hsub: kSubHists interleaved
+  // copies of the global histogram; csub: [bin][channel]), which flush() adds into the op's
+  // int64 state under a lock: at the end of each task, and before an int32 could overflow.
+  int64_t C = 0;
   int64_t B = 0;
   acc_t hscale = 0, hlo = 0;
-  int64_t* hist = nullptr;  // [B]
+  int32_t* hsub = nullptr;  // [kSubHists][B]
   int64_t N = 0;
   const acc_t* cscale = nullptr;  // [C]
   const acc_t* clo = nullptr;     // [C]
-  int64_t* chist = nullptr;       // [C * N]
+  int32_t* csub = nullptr;        // [N][C]
   int32_t* idx = nullptr;         // scratch: max(C, kRunBlock) bin indices
+  int64_t* pending = nullptr;     // values binned since the last flush
+  int64_t* hist_out = nullptr;    // the op's state: [B]
+  int64_t* chist_out = nullptr;   // the op's state: [C][N]
+  std::mutex* mu = nullptr;
+
+  void note_binned(int64_t n) const {
+    *pending += n;
+    if (*pending > (int64_t(1) << 30)) flush();
+  }
+  void flush() const {
+    if (!(B || N) || *pending == 0) return;
+    std::lock_guard<std::mutex> lock(*mu);
+    if (B) {
+      for (int64_t i = 0; i < B; ++i) {
+        int64_t t = 0;
+        for (int k = 0; k < kSubHists; ++k) t += hsub[k * B + i];
+        hist_out[i] += t;
+      }
+      std::fill(hsub, hsub + kSubHists * B, 0);
+    }
+    if (N) {
+      for (int64_t b = 0; b < N; ++b) {
+        const int32_t* row = csub + b * C;
+        for (int64_t c = 0; c < C; ++c) chist_out[c * N + b] += row[c];
+      }
+      std::fill(csub, csub + N * C, 0);
+    }
+    *pending = 0;
+  }
 };
 
 constexpr int64_t kRunBlock = kChunk * kLanes;  // values of a run folded at a time
@@ -182,12 +216,17 @@ struct Slots {
   std::vector<double> d;       // [n][3][C]: sum, sum|x|, sum x^2
   std::vector<int64_t> k;      // [n][2][C]: nan, inf
   std::vector<acc_t> scratch;  // [n][6][C]: chunk accumulators of the row kernels
-  std::vector<int64_t> h;      // [n][B]: global histogram
-  std::vector<int64_t> ch;     // [n][C * N]: per-channel histograms
+  std::vector<int32_t> hsub;   // [n][kSubHists][B]: global histogram counters
+  std::vector<int32_t> csub;   // [n][N][C]: per-channel histogram counters
   std::vector<int32_t> idx;    // [n][max(C, kRunBlock)]: bin indices
+  std::vector<int64_t> pending;
+  std::mutex mu;
   int64_t B = 0, N = 0, idx_len = 0;
+  int64_t* hist_out;
+  int64_t* chist_out;
 
-  Slots(int64_t C_, int n_, bool stats, bool rows, int64_t B_, int64_t N_) : C(C_), n(n_), B(B_), N(N_) {
+  Slots(int64_t C_, int n_, bool stats, bool rows, int64_t B_, int64_t N_, int64_t* hist, int64_t* chist)
+      : C(C_), n(n_), B(B_), N(N_), hist_out(hist), chist_out(chist) {
     if (stats) {
       a.resize(3 * C * n);
       d.assign(3 * C * n, 0.0);
@@ -201,11 +240,12 @@ struct Slots {
       }
       if (rows) scratch.resize(6 * C * n);
     }
-    if (B) h.assign(B * n, 0);
-    if (N) ch.assign(C * N * n, 0);
+    if (B) hsub.assign(kSubHists * B * n, 0);
+    if (N) csub.assign(N * C * n, 0);
     if (B || N) {
       idx_len = std::max<int64_t>(C, kRunBlock);
       idx.resize(idx_len * n);
+      pending.assign(n, 0);
     }
   }
 
@@ -222,9 +262,16 @@ struct Slots {
       s.nan = k.data() + 2 * C * t;
       s.inf = s.nan + C;
     }
-    if (B) s.hist = h.data() + B * t;
-    if (N) s.chist = ch.data() + C * N * t;
-    if (B || N) s.idx = idx.data() + idx_len * t;
+    s.C = C;
+    if (B) s.hsub = hsub.data() + kSubHists * B * t;
+    if (N) s.csub = csub.data() + N * C * t;
+    if (B || N) {
+      s.idx = idx.data() + idx_len * t;
+      s.pending = pending.data() + t;
+      s.hist_out = hist_out;
+      s.chist_out = chist_out;
+      s.mu = &mu;
+    }
     return s;
   }
 
@@ -253,18 +300,6 @@ struct Slots {
     }
   }
 
-  void merge_hists(int64_t* hist, int64_t* chist) {
-    for (int t = 0; t < n; ++t) {
-      if (B) {
-        const int64_t* p = h.data() + B * t;
-        for (int64_t i = 0; i < B; ++i) hist[i] += p[i];
-      }
-      if (N) {
-        const int64_t* p = ch.data() + C * N * t;
-        for (int64_t i = 0; i < C * N; ++i) chist[i] += p[i];
-      }
-    }
-  }
 };
 
 // Runs one pass over the input: statistics and histograms (stats = true; histograms binned with
@@ -284,7 +319,7 @@ static void run_pass(const at::Tensor& x, const Layout& L, bool stats, const Slo
   const int nthreads = serial ? 1 : std::max(1, at::get_num_threads());
   auto slot_index = [serial]() { return serial ? 0 : at::get_thread_num(); };
   const void* data = x.const_data_ptr();
-  Slots<acc_t> slots(C, nthreads, stats, L.mode != Mode::kRuns, hargs.B, hargs.N);
+  Slots<acc_t> slots(C, nthreads, stats, L.mode != Mode::kRuns, hargs.B, hargs.N, hist, chist);
 
 #if CALIBFAST_X86_VARIANTS
 #define CALIBFAST_ISA_CALL(fn, ...)                          \
@@ -343,7 +378,6 @@ static void run_pass(const at::Tensor& x, const Layout& L, bool stats, const Slo
   }
 #undef CALIBFAST_ISA_CALL
   if (stats) slots.merge_stats(fst, dst, ist);
-  slots.merge_hists(hist, chist);
 }
 
 // Histogram exponents: the smallest e with amax < 2^e, clamped (see csrc/common.h).

@@ -87,27 +87,42 @@ static inline void channel_bin_indices(const typename Ld::in_t* __restrict__ p, 
   }
 }
 
+// Scatters bin indices into this thread's int32 counters: the global histogram is split into
+// kSubHists interleaved copies so that runs of equal bins do not serialise on one counter.
+static inline void scatter_global(const int32_t* __restrict__ idx, int64_t n, int64_t B, int32_t* __restrict__ sub) {
+  const uint32_t Bu = static_cast<uint32_t>(B);
+  int64_t c = 0;
+  for (; c + kSubHists <= n; c += kSubHists) {
+#pragma GCC unroll 4
+    for (int k = 0; k < kSubHists; ++k) {
+      const uint32_t i = static_cast<uint32_t>(idx[c + k]);
+      if (i < Bu) sub[k * B + i] += 1;
+    }
+  }
+  for (; c < n; ++c) {
+    const uint32_t i = static_cast<uint32_t>(idx[c]);
+    if (i < Bu) sub[i] += 1;
+  }
+}
+
 // Bins one row: channels [c0, c0 + n) at p (stride cs).
 template <class Ld, bool kUnit>
 static inline void hist_row(const typename Ld::in_t* p, int64_t c0, int64_t n, int64_t cs,
                             const Slot<typename Ld::acc_t>& s) {
   if (s.B) {
     bin_indices<Ld, kUnit>(p, n, cs, s.hscale, s.hlo, s.B, s.idx);
-    const uint32_t B = static_cast<uint32_t>(s.B);
-    for (int64_t c = 0; c < n; ++c) {
-      const uint32_t i = static_cast<uint32_t>(s.idx[c]);
-      if (i < B) s.hist[i] += 1;
-    }
+    scatter_global(s.idx, n, s.B, s.hsub);
   }
   if (s.N) {
     channel_bin_indices<Ld, kUnit>(p, n, cs, s.cscale + c0, s.clo + c0, s.N, s.idx);
     const uint32_t N = static_cast<uint32_t>(s.N);
-    int64_t* h = s.chist + c0 * s.N;
+    int32_t* h = s.csub + c0;  // [bin][channel]: neighbouring channels share cache lines
     for (int64_t c = 0; c < n; ++c) {
       const uint32_t i = static_cast<uint32_t>(s.idx[c]);
-      if (i < N) h[c * s.N + i] += 1;
+      if (i < N) h[i * s.C + c] += 1;
     }
   }
+  s.note_binned(n);
 }
 
 // Bins a contiguous run of n values of channel k.
@@ -115,22 +130,19 @@ template <class Ld>
 static inline void hist_run(const typename Ld::in_t* p, int64_t n, int64_t k, const Slot<typename Ld::acc_t>& s) {
   if (s.B) {
     bin_indices<Ld, true>(p, n, 1, s.hscale, s.hlo, s.B, s.idx);
-    const uint32_t B = static_cast<uint32_t>(s.B);
-    for (int64_t j = 0; j < n; ++j) {
-      const uint32_t i = static_cast<uint32_t>(s.idx[j]);
-      if (i < B) s.hist[i] += 1;
-    }
+    scatter_global(s.idx, n, s.B, s.hsub);
   }
   if (s.N) {
     const typename Ld::acc_t sc = s.cscale[k], lo = s.clo[k];
     bin_indices<Ld, true>(p, n, 1, sc, lo, s.N, s.idx);
     const uint32_t N = static_cast<uint32_t>(s.N);
-    int64_t* h = s.chist + k * s.N;
+    int32_t* h = s.csub + k;
     for (int64_t j = 0; j < n; ++j) {
       const uint32_t i = static_cast<uint32_t>(s.idx[j]);
-      if (i < N) h[i] += 1;
+      if (i < N) h[i * s.C] += 1;
     }
   }
+  s.note_binned(n);
 }
 
 // ---- row kernels: rows of channels, unit or constant channel stride --------------------------
@@ -321,6 +333,7 @@ static void rows_task(const void* data, const calibfast::Layout& L, int64_t r0, 
   } else {
     rows_range<Ld, false>(base, L, r0, r1, c0, n, s, scratch);
   }
+  s.flush();
 }
 
 // Pairs [p0, p1) of (outer row q, channel c), p = q * C + c.
@@ -334,6 +347,7 @@ static void runs_task(const void* data, const calibfast::Layout& L, int64_t p0, 
     const int64_t c = pi - q * C;
     run_fold<Ld>(base + L.outer(q) + c * L.channel_stride, L.run, c, s);
   }
+  s.flush();
 }
 
 // Histogram-only passes (after a range grew): rows [r0, r1) x channels [c0, c0 + n).
@@ -350,6 +364,7 @@ static void rows_hist_task(const void* data, const calibfast::Layout& L, int64_t
       hist_row<Ld, false>(p, c0, n, cs, s);
     }
   }
+  s.flush();
 }
 
 template <class Ld>
@@ -363,4 +378,5 @@ static void runs_hist_task(const void* data, const calibfast::Layout& L, int64_t
     const typename Ld::in_t* p = base + L.outer(q) + c * L.channel_stride;
     for (int64_t b0 = 0; b0 < L.run; b0 += kRunBlock) hist_run<Ld>(p + b0, std::min(L.run - b0, kRunBlock), c, s);
   }
+  s.flush();
 }
