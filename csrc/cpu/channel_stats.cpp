@@ -28,6 +28,7 @@ namespace cpu {
 constexpr int64_t kChunk = 64;  // rows (row kernels) or values per lane (run kernels) per chunk
 constexpr int kLanes = 16;      // independent accumulators in the run kernels
 constexpr int kSubHists = 2;    // interleaved copies of the global histogram per thread
+constexpr int64_t kTileC = 128; // channels per tile of the per-channel histogram pass
 
 // ---- loads: exact conversions to the accumulation type -------------------------------------
 struct LoadF32 {
@@ -95,7 +96,7 @@ struct Slot {
   int64_t* inf;
   // Histograms (B or N == 0: off). A value a = |x| with a >= lo lands in bin floor(a * scale)
   // when that is < B. Counts go to this thread's int32 counters (hsub: kSubHists interleaved
-  // copies of the global histogram; csub: [bin][channel]), which flush() adds into the op's
+  // copies of the global histogram; csub: [channel][bin]), which flush() adds into the op's
   // int64 state under a lock: at the end of each task, and before an int32 could overflow.
   int64_t C = 0;
   int64_t B = 0;
@@ -104,8 +105,8 @@ struct Slot {
   int64_t N = 0;
   const acc_t* cscale = nullptr;  // [C]
   const acc_t* clo = nullptr;     // [C]
-  int32_t* csub = nullptr;        // [N][C]
-  int32_t* idx = nullptr;         // scratch: max(C, kRunBlock) bin indices
+  int32_t* csub = nullptr;        // [C][N]
+  int32_t* idx = nullptr;         // scratch: max(C, kRunBlock, kChunk * kTileC) bin indices
   int64_t* pending = nullptr;     // values binned since the last flush
   int64_t* hist_out = nullptr;    // the op's state: [B]
   int64_t* chist_out = nullptr;   // the op's state: [C][N]
@@ -127,10 +128,7 @@ struct Slot {
       std::fill(hsub, hsub + kSubHists * B, 0);
     }
     if (N) {
-      for (int64_t b = 0; b < N; ++b) {
-        const int32_t* row = csub + b * C;
-        for (int64_t c = 0; c < C; ++c) chist_out[c * N + b] += row[c];
-      }
+      for (int64_t i = 0; i < N * C; ++i) chist_out[i] += csub[i];
       std::fill(csub, csub + N * C, 0);
     }
     *pending = 0;
@@ -217,8 +215,8 @@ struct Slots {
   std::vector<int64_t> k;      // [n][2][C]: nan, inf
   std::vector<acc_t> scratch;  // [n][6][C]: chunk accumulators of the row kernels
   std::vector<int32_t> hsub;   // [n][kSubHists][B]: global histogram counters
-  std::vector<int32_t> csub;   // [n][N][C]: per-channel histogram counters
-  std::vector<int32_t> idx;    // [n][max(C, kRunBlock)]: bin indices
+  std::vector<int32_t> csub;   // [n][C][N]: per-channel histogram counters
+  std::vector<int32_t> idx;    // [n][max(C, kRunBlock, kChunk * kTileC)]: bin indices
   std::vector<int64_t> pending;
   std::mutex mu;
   int64_t B = 0, N = 0, idx_len = 0;
@@ -243,7 +241,7 @@ struct Slots {
     if (B) hsub.assign(kSubHists * B * n, 0);
     if (N) csub.assign(N * C * n, 0);
     if (B || N) {
-      idx_len = std::max<int64_t>(C, kRunBlock);
+      idx_len = std::max<int64_t>({C, kRunBlock, kChunk * kTileC});
       idx.resize(idx_len * n);
       pending.assign(n, 0);
     }

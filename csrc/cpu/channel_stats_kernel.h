@@ -105,24 +105,39 @@ static inline void scatter_global(const int32_t* __restrict__ idx, int64_t n, in
   }
 }
 
-// Bins one row: channels [c0, c0 + n) at p (stride cs).
+// Bins one row into the global histogram: channels [c0, c0 + n) at p (stride cs).
 template <class Ld, bool kUnit>
-static inline void hist_row(const typename Ld::in_t* p, int64_t c0, int64_t n, int64_t cs,
-                            const Slot<typename Ld::acc_t>& s) {
-  if (s.B) {
-    bin_indices<Ld, kUnit>(p, n, cs, s.hscale, s.hlo, s.B, s.idx);
-    scatter_global(s.idx, n, s.B, s.hsub);
-  }
-  if (s.N) {
-    channel_bin_indices<Ld, kUnit>(p, n, cs, s.cscale + c0, s.clo + c0, s.N, s.idx);
-    const uint32_t N = static_cast<uint32_t>(s.N);
-    int32_t* h = s.csub + c0;  // [bin][channel]: neighbouring channels share cache lines
-    for (int64_t c = 0; c < n; ++c) {
-      const uint32_t i = static_cast<uint32_t>(s.idx[c]);
-      if (i < N) h[i * s.C + c] += 1;
+static inline void hist_row(const typename Ld::in_t* p, int64_t n, int64_t cs, const Slot<typename Ld::acc_t>& s) {
+  bin_indices<Ld, kUnit>(p, n, cs, s.hscale, s.hlo, s.B, s.idx);
+  scatter_global(s.idx, n, s.B, s.hsub);
+  s.note_binned(n);
+}
+
+// Bins rows [r0, r1) (at most kChunk) x channels [c0, c0 + n) into the per-channel histograms,
+// a tile of channels at a time: the tile's bin indices for all the rows first, then each
+// channel's indices into its own histogram, which stays in L1 while it takes them.
+template <class Ld, bool kUnit>
+static void channel_hist_rows(const typename Ld::in_t* base, const calibfast::Layout& L, int64_t r0, int64_t r1,
+                              int64_t c0, int64_t n, const Slot<typename Ld::acc_t>& s) {
+  const int64_t cs = L.channel_stride;
+  const int64_t R = r1 - r0;
+  const uint32_t N = static_cast<uint32_t>(s.N);
+  for (int64_t t0 = 0; t0 < n; t0 += kTileC) {
+    const int64_t tn = std::min(kTileC, n - t0);
+    const int64_t ca = c0 + t0;
+    for (int64_t r = 0; r < R; ++r) {
+      channel_bin_indices<Ld, kUnit>(base + L.offsets(r0 + r) + ca * cs, tn, cs, s.cscale + ca, s.clo + ca, s.N,
+                                     s.idx + r * kTileC);
+    }
+    for (int64_t c = 0; c < tn; ++c) {
+      int32_t* h = s.csub + (ca + c) * s.N;
+      for (int64_t r = 0; r < R; ++r) {
+        const uint32_t i = static_cast<uint32_t>(s.idx[r * kTileC + c]);
+        if (i < N) h[i] += 1;
+      }
     }
   }
-  s.note_binned(n);
+  s.note_binned(R * n);
 }
 
 // Bins a contiguous run of n values of channel k.
@@ -133,13 +148,12 @@ static inline void hist_run(const typename Ld::in_t* p, int64_t n, int64_t k, co
     scatter_global(s.idx, n, s.B, s.hsub);
   }
   if (s.N) {
-    const typename Ld::acc_t sc = s.cscale[k], lo = s.clo[k];
-    bin_indices<Ld, true>(p, n, 1, sc, lo, s.N, s.idx);
+    bin_indices<Ld, true>(p, n, 1, s.cscale[k], s.clo[k], s.N, s.idx);
     const uint32_t N = static_cast<uint32_t>(s.N);
-    int32_t* h = s.csub + k;
+    int32_t* h = s.csub + k * s.N;
     for (int64_t j = 0; j < n; ++j) {
       const uint32_t i = static_cast<uint32_t>(s.idx[j]);
-      if (i < N) h[i * s.C] += 1;
+      if (i < N) h[i] += 1;
     }
   }
   s.note_binned(n);
@@ -224,20 +238,21 @@ static void rows_range(const typename Ld::in_t* base, const calibfast::Layout& L
     init_chunk(n, cmn, cmx, camn, csum, csabs, cssq);
     int64_t r = rc;
     const in_t* p[8];
-    const bool hist = s.B || s.N;
     for (; r + 8 <= re; r += 8) {
       for (int i = 0; i < 8; ++i) p[i] = base + L.offsets(r + i) + c0 * cs;
       rows_fast<Ld, 8, kUnit>(p, n, cs, cmn, cmx, camn, csum, csabs, cssq);
       // the 8 rows are still in cache: bin them now (one read of the input from memory)
-      if (hist) {
-        for (int i = 0; i < 8; ++i) hist_row<Ld, kUnit>(p[i], c0, n, cs, s);
+      if (s.B) {
+        for (int i = 0; i < 8; ++i) hist_row<Ld, kUnit>(p[i], n, cs, s);
       }
     }
     for (; r < re; ++r) {
       p[0] = base + L.offsets(r) + c0 * cs;
       rows_fast<Ld, 1, kUnit>(p, n, cs, cmn, cmx, camn, csum, csabs, cssq);
-      if (hist) hist_row<Ld, kUnit>(p[0], c0, n, cs, s);
+      if (s.B) hist_row<Ld, kUnit>(p[0], n, cs, s);
     }
+    // the chunk (kChunk rows) is still in cache for the per-channel histograms
+    if (s.N) channel_hist_rows<Ld, kUnit>(base, L, rc, re, c0, n, s);
     // A NaN or +-Inf makes sum |x| non-finite; so does a float partial sum that overflowed on
     // huge finite values (|x|^2 beyond FLT_MAX). Either way the chunk is redone by the masked
     // float64 path (sum |x| >= |sum x|, so these two checks cover all three sums).
@@ -351,18 +366,27 @@ static void runs_task(const void* data, const calibfast::Layout& L, int64_t p0, 
 }
 
 // Histogram-only passes (after a range grew): rows [r0, r1) x channels [c0, c0 + n).
+template <class Ld, bool kUnit>
+static void rows_hist_range(const typename Ld::in_t* base, const calibfast::Layout& L, int64_t r0, int64_t r1,
+                            int64_t c0, int64_t n, const Slot<typename Ld::acc_t>& s) {
+  const int64_t cs = L.channel_stride;
+  for (int64_t rc = r0; rc < r1; rc += kChunk) {
+    const int64_t re = std::min(r1, rc + kChunk);
+    if (s.B) {
+      for (int64_t r = rc; r < re; ++r) hist_row<Ld, kUnit>(base + L.offsets(r) + c0 * cs, n, cs, s);
+    }
+    if (s.N) channel_hist_rows<Ld, kUnit>(base, L, rc, re, c0, n, s);
+  }
+}
+
 template <class Ld>
 static void rows_hist_task(const void* data, const calibfast::Layout& L, int64_t r0, int64_t r1, int64_t c0,
                            int64_t n, const Slot<typename Ld::acc_t>& s) {
   const auto* base = static_cast<const typename Ld::in_t*>(data);
-  const int64_t cs = L.channel_stride;
-  for (int64_t r = r0; r < r1; ++r) {
-    const typename Ld::in_t* p = base + L.offsets(r) + c0 * cs;
-    if (cs == 1) {
-      hist_row<Ld, true>(p, c0, n, 1, s);
-    } else {
-      hist_row<Ld, false>(p, c0, n, cs, s);
-    }
+  if (L.channel_stride == 1) {
+    rows_hist_range<Ld, true>(base, L, r0, r1, c0, n, s);
+  } else {
+    rows_hist_range<Ld, false>(base, L, r0, r1, c0, n, s);
   }
   s.flush();
 }
