@@ -46,13 +46,19 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 # Method keys, in table order, with their labels.
 METHODS = {
-    "calibfast": "calibfast ChannelStats.update (fused, compiled)",
-    "calibfast_reference": "calibfast backend=\"reference\" (pure torch)",
+    "calibfast": "calibfast ChannelStats(bins=0).update: per-channel stats (fused, compiled)",
+    "calibfast_reference": "calibfast backend=\"reference\" (pure torch, bins=0)",
     "seed_torch": "seed pure-torch (abs().amin/amax + amin/amax, dim 0)",
     "torch_ao": "torch.ao PerChannelMinMaxObserver(ch_axis=1)",
     "modelopt": "ModelOpt MaxCalibrator(axis=1).collect",
+    "calibfast_hist": "calibfast stats + 2048-bin |x| histogram (fused, compiled)",
+    "calibfast_chist": "calibfast stats + 2048-bin histogram + 256-bin per-channel histograms",
+    "modelopt_hist": "ModelOpt MaxCalibrator(axis=1) + HistogramCalibrator(2048 bins) collect",
+    "torch_ao_hist": "torch.ao HistogramObserver(2048 bins) forward",
     "sum_floor": "x.sum() (read-once floor)",
 }
+# Which calibfast row each method is compared with ("vs calibfast" = same work).
+BASELINE = {"modelopt_hist": "calibfast_hist", "torch_ao_hist": "calibfast_hist"}
 
 
 class SanityError(RuntimeError):
@@ -109,11 +115,36 @@ def make_methods(x, include=None):
     methods, skipped = {}, {}
 
     if "calibfast" in include:
-        cs = calibfast.ChannelStats(axis=-1)
+        cs = calibfast.ChannelStats(axis=-1, bins=0)
         methods["calibfast"] = (lambda: cs.update(x), lambda: cs)
     if "calibfast_reference" in include:
-        cr = calibfast.ChannelStats(axis=-1, backend="reference")
+        cr = calibfast.ChannelStats(axis=-1, bins=0, backend="reference")
         methods["calibfast_reference"] = (lambda: cr.update(x), lambda: cr)
+    if "calibfast_hist" in include:
+        ch = calibfast.ChannelStats(axis=-1, bins=2048)
+        methods["calibfast_hist"] = (lambda: ch.update(x), lambda: ch)
+    if "calibfast_chist" in include:
+        cc = calibfast.ChannelStats(axis=-1, bins=2048, channel_bins=256)
+        methods["calibfast_chist"] = (lambda: cc.update(x), lambda: cc)
+    if "torch_ao_hist" in include:
+        from torch.ao.quantization.observer import HistogramObserver
+        hobs = HistogramObserver(bins=2048).to(x.device)
+        methods["torch_ao_hist"] = (lambda: hobs(x2), lambda: {"min": hobs.min_val.expand(1),
+                                                                 "max": hobs.max_val.expand(1)})
+    if "modelopt_hist" in include:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                from modelopt.torch.quantization.calib import HistogramCalibrator, MaxCalibrator as MC
+            mcal = MC(num_bits=8, axis=1, unsigned=False)
+            hcal = HistogramCalibrator(num_bits=8, axis=None, unsigned=True, num_bins=2048)
+
+            def mo_pair():
+                mcal.collect(x2)
+                hcal.collect(x2)
+            methods["modelopt_hist"] = (mo_pair, lambda: {"absmax": mcal.compute_amax().reshape(-1)})
+        except Exception as e:  # noqa: BLE001
+            skipped["modelopt_hist"] = f"modelopt histogram calibrator unavailable ({type(e).__name__}: {e})"[:200]
     if "seed_torch" in include:
         out = {}
 
@@ -206,6 +237,12 @@ def sanity_check(x, methods):
         got = result()
         if isinstance(got, calibfast.ChannelStats):
             check_stats_equal(f"{key} {x.dtype}", got, ref, sum_rtol_for(x.dtype))
+            if got.bins:
+                rh = calibfast.ChannelStats(axis=-1, bins=got.bins, backend="reference").update(x)
+                _same(f"{key} {x.dtype} hist", got.hist, rh.hist)
+        elif key == "torch_ao_hist":
+            _same(f"{key} {x.dtype} min", got["min"], ref.min.min().expand(1))
+            _same(f"{key} {x.dtype} max", got["max"], ref.max.max().expand(1))
         else:
             for k, v in got.items():
                 _same(f"{key} {x.dtype} {k}", v, getattr(ref, k))
@@ -296,7 +333,8 @@ def render(info, rows, notes, shapes):
     foot = [
         "",
         "Median of torch.utils.benchmark blocked_autorange blocks (after warm-up). GB/s = bytes of x "
-        "read once / median time. \"vs calibfast\" = time / calibfast's time (how many times slower); "
+        "read once / median time. \"vs calibfast\" = time / the time of the calibfast row doing the same work "
+        "(the stats row, or the stats + histogram row for the histogram peers: how many times slower); "
         "\"vs x.sum() floor\" = time / x.sum()'s time. calibfast computes min, max, abs-min (abs-max), "
         "sum, sum|x|, sum x^2 and NaN/Inf counts in one read; the others min/max or abs-max only. "
         "Every method's results were checked against calibfast's reference before timing.",
@@ -336,7 +374,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch.cuda.is_available() is False")
-    methods_wanted = [m for m in METHODS if m in set(args.methods) | {"calibfast", "sum_floor"}]
+    keep = {"calibfast", "sum_floor"} | {BASELINE[m] for m in args.methods if m in BASELINE}
+    methods_wanted = [m for m in METHODS if m in set(args.methods) | keep]
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -385,7 +424,6 @@ def main(argv=None):
                     print(f"  timing {'x'.join(map(str, shape))} {dt} {k} ...", file=sys.stderr, flush=True)
                     measurements[k].append(time_method(fn, args.min_run_time / max(1, args.rounds)))
             merged = {k: tb.Measurement.merge(v)[0] for k, v in measurements.items()}
-            t_cf = merged["calibfast"].median
             t_floor = merged["sum_floor"].median
             for k in METHODS:
                 if k not in methods_wanted:
@@ -397,7 +435,10 @@ def main(argv=None):
                 m = merged[k]
                 t = m.median
                 row = {**base, "median_s": t, "iqr_s": m.iqr, "mean_s": m.mean,
-                       "gb_per_s": nbytes(x) / t / 1e9, "vs_calibfast": t / t_cf, "vs_floor": t / t_floor,
+                       "gb_per_s": nbytes(x) / t / 1e9,
+                       "vs_calibfast": t / merged[BASELINE.get(k, "calibfast")].median
+                       if BASELINE.get(k, "calibfast") in merged else float("nan"),
+                       "vs_calibfast_row": BASELINE.get(k, "calibfast"), "vs_floor": t / t_floor,
                        "bytes": nbytes(x), "number_per_run": m.number_per_run,
                        "times_s": list(m.times)}
                 rows.append(row)

@@ -204,6 +204,30 @@ std::string cpu_capability() {
   }
 }
 
+// The histogram counters of every worker thread, kept between calls on this (calling) thread:
+// flush() leaves them zero, so a call need neither allocate nor clear them. A call that did not
+// finish (an exception) leaves the buffer marked dirty and the next call clears it.
+struct CounterCache {
+  std::vector<int32_t> buf;
+  bool dirty = false;
+};
+
+static CounterCache& counter_cache() {
+  thread_local CounterCache cache;
+  return cache;
+}
+
+static int32_t* zeroed_counters(int64_t n) {
+  CounterCache& cache = counter_cache();
+  if (static_cast<int64_t>(cache.buf.size()) < n) {
+    cache.buf.assign(n, 0);
+  } else if (cache.dirty) {
+    std::fill(cache.buf.begin(), cache.buf.end(), 0);
+  }
+  cache.dirty = true;
+  return cache.buf.data();
+}
+
 // Per-thread slots of per-channel accumulators and private histograms, merged into the op's
 // state at the end. Sized once per call; only what the call uses is allocated.
 template <typename acc_t>
@@ -214,8 +238,8 @@ struct Slots {
   std::vector<double> d;       // [n][3][C]: sum, sum|x|, sum x^2
   std::vector<int64_t> k;      // [n][2][C]: nan, inf
   std::vector<acc_t> scratch;  // [n][6][C]: chunk accumulators of the row kernels
-  std::vector<int32_t> hsub;   // [n][kSubHists][B]: global histogram counters
-  std::vector<int32_t> csub;   // [n][C][N]: per-channel histogram counters
+  int32_t* hsub = nullptr;     // [n][kSubHists][B]: global histogram counters  } in the
+  int32_t* csub = nullptr;     // [n][C][N]: per-channel histogram counters     } counter cache
   std::vector<int32_t> idx;    // [n][max(C, kRunBlock, kChunk * kTileC)]: bin indices
   std::vector<int64_t> pending;
   std::mutex mu;
@@ -238,9 +262,10 @@ struct Slots {
       }
       if (rows) scratch.resize(6 * C * n);
     }
-    if (B) hsub.assign(kSubHists * B * n, 0);
-    if (N) csub.assign(N * C * n, 0);
     if (B || N) {
+      int32_t* counters = zeroed_counters((kSubHists * B + N * C) * n);
+      hsub = counters;
+      csub = counters + kSubHists * B * n;
       idx_len = std::max<int64_t>({C, kRunBlock, kChunk * kTileC});
       idx.resize(idx_len * n);
       pending.assign(n, 0);
@@ -261,8 +286,8 @@ struct Slots {
       s.inf = s.nan + C;
     }
     s.C = C;
-    if (B) s.hsub = hsub.data() + kSubHists * B * t;
-    if (N) s.csub = csub.data() + N * C * t;
+    if (B) s.hsub = hsub + kSubHists * B * t;
+    if (N) s.csub = csub + N * C * t;
     if (B || N) {
       s.idx = idx.data() + idx_len * t;
       s.pending = pending.data() + t;
@@ -376,6 +401,7 @@ static void run_pass(const at::Tensor& x, const Layout& L, bool stats, const Slo
   }
 #undef CALIBFAST_ISA_CALL
   if (stats) slots.merge_stats(fst, dst, ist);
+  if (hargs.B || hargs.N) counter_cache().dirty = false;  // every task flushed: all zero again
 }
 
 // Histogram exponents: the smallest e with amax < 2^e, clamped (see csrc/common.h).
