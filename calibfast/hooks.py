@@ -76,6 +76,7 @@ class Collector:
         self.capture = capture
         self.inputs = {}
         self.outputs = {}
+        self.hessians = {}
 
     @property
     def _primary(self):
@@ -120,8 +121,40 @@ class Collector:
         return f"Collector(capture={self.capture!r}, modules={len(self)})"
 
 
+class InputHessian:
+    """Running XᵀX of a Linear layer's inputs (rows = every position of every batch), the input
+    Hessian that GPTQ-style weight quantizers use (H = 2 XᵀX / count). Accumulated in float32 on
+    the activations' device with one matrix product per call (addmm), as GPTQ does; ``count`` is
+    the number of rows (int64)."""
+
+    def __init__(self):
+        self.xtx = None
+        self.count = None
+
+    def update(self, x):
+        x2 = x.detach().reshape(-1, x.shape[-1]).float()
+        with torch.inference_mode(False):
+            if self.xtx is None:
+                C = x2.shape[1]
+                self.xtx = torch.zeros(C, C, dtype=torch.float32, device=x2.device)
+                self.count = torch.zeros((), dtype=torch.int64, device=x2.device)
+            elif x2.shape[1] != self.xtx.shape[0]:
+                raise ValueError(f"calibfast: input Hessian holds {self.xtx.shape[0]} channels, got "
+                                 f"{x2.shape[1]}")
+            self.xtx.addmm_(x2.t(), x2)
+            self.count += x2.shape[0]
+        return self
+
+    def hessian(self):
+        """2 XᵀX / count (float32), GPTQ's H."""
+        if self.xtx is None:
+            raise RuntimeError("calibfast: this InputHessian has seen no input")
+        return self.xtx * (2.0 / self.count.clamp_min(1).to(torch.float32))
+
+
 @contextlib.contextmanager
-def collect(model, *, capture="input", modules=None, axis=None, backend="dispatch"):
+def collect(model, *, capture="input", modules=None, axis=None, backend="dispatch", bins=2048,
+            channel_bins=0, hessian=False):
     """Attach forward hooks that fold activations into per-channel statistics.
 
     Args:
@@ -132,6 +165,9 @@ def collect(model, *, capture="input", modules=None, axis=None, backend="dispatc
             ``f(name, module)``.
         axis: the channel axis to use for every hooked module (default: :func:`channel_axis`).
         backend: passed to every :class:`ChannelStats` (``"reference"`` forces pure torch).
+        bins, channel_bins: histogram sizes of every :class:`ChannelStats`.
+        hessian: also accumulate each hooked nn.Linear's input XᵀX (:class:`InputHessian`, in
+            ``collector.hessians``), for GPTQ-style quantizers.
 
     Yields a :class:`Collector`. Hooks are removed on exit, also when the body raises; the
     statistics stay in the collector.
@@ -145,26 +181,34 @@ def collect(model, *, capture="input", modules=None, axis=None, backend="dispatc
     want_in = capture in ("input", "both")
     want_out = capture in ("output", "both")
     handles = []
+
+    def make(ax):
+        return ChannelStats(axis=ax, backend=backend, bins=bins, channel_bins=channel_bins)
+
     try:
         for name, mod in selected:
             ax = channel_axis(mod) if axis is None else axis
-            s_in = col.inputs.setdefault(name, ChannelStats(axis=ax, backend=backend)) if want_in else None
-            s_out = col.outputs.setdefault(name, ChannelStats(axis=ax, backend=backend)) if want_out else None
-            handles.append(mod.register_forward_hook(_make_hook(s_in, s_out), with_kwargs=True))
+            s_in = col.inputs.setdefault(name, make(ax)) if want_in else None
+            s_out = col.outputs.setdefault(name, make(ax)) if want_out else None
+            h = col.hessians.setdefault(name, InputHessian()) if hessian and isinstance(mod, nn.Linear) else None
+            handles.append(mod.register_forward_hook(_make_hook(s_in, s_out, h), with_kwargs=True))
         yield col
     finally:
         for h in handles:
             h.remove()
 
 
-def _make_hook(s_in, s_out):
+def _make_hook(s_in, s_out, hess=None):
     def hook(module, args, kwargs, output):
-        if s_in is not None:
+        if s_in is not None or hess is not None:
             t = _first_tensor(args)
             if t is None and kwargs:
                 t = _first_tensor(kwargs)
             if t is not None:
-                s_in.update(t)
+                if s_in is not None:
+                    s_in.update(t)
+                if hess is not None:
+                    hess.update(t)
         if s_out is not None:
             t = _first_tensor(output)
             if t is not None:

@@ -63,3 +63,20 @@ def test_bad_arguments():
     with pytest.raises(TypeError, match="nn.Module"):
         with calibfast.collect(lambda x: x):
             pass
+
+
+def test_input_hessian_matches_xtx():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
+    xs = [torch.randn(4, 6, 5), torch.randn(2, 5)]
+    with calibfast.collect(model, hessian=True) as c:
+        for x in xs:
+            model(x)
+    X = torch.cat([x.reshape(-1, 5) for x in xs]).double()
+    h = c.hessians["0"]
+    assert int(h.count) == 26
+    assert torch.allclose(h.xtx.double(), X.t() @ X, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(h.hessian().double(), 2 * X.t() @ X / 26, rtol=1e-5, atol=1e-5)
+    assert set(c.hessians) == {"0", "2"}
+    with pytest.raises(RuntimeError, match="seen no input"):
+        calibfast.hooks.InputHessian().hessian()
