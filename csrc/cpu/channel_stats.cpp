@@ -373,22 +373,14 @@ static void run_pass(const at::Tensor& x, const Layout& L, bool stats, const Slo
     const int64_t grain = std::max<int64_t>(1, kTaskValues / L.run);
     parallel(pairs, grain, [&](int64_t b, int64_t e) {
       auto s = slots.slot(slot_index(), hargs);
-      if (stats) {
-        CALIBFAST_ISA_CALL(runs_task, data, L, b, e, s)
-      } else {
-        CALIBFAST_ISA_CALL(runs_hist_task, data, L, b, e, s)
-      }
+      CALIBFAST_ISA_CALL(runs_task, data, L, b, e, s, stats)
     });
   } else {
     auto task = [&](int64_t r0, int64_t r1, int64_t c0, int64_t n) {
       const int t = slot_index();
       auto s = slots.slot(t, hargs);
-      if (stats) {
-        acc_t* scratch = slots.scratch_for(t);
-        CALIBFAST_ISA_CALL(rows_task, data, L, r0, r1, c0, n, s, scratch)
-      } else {
-        CALIBFAST_ISA_CALL(rows_hist_task, data, L, r0, r1, c0, n, s)
-      }
+      acc_t* scratch = stats ? slots.scratch_for(t) : nullptr;  // nullptr: histograms only
+      CALIBFAST_ISA_CALL(rows_task, data, L, r0, r1, c0, n, s, scratch)
     };
     if (rows >= 8 * nthreads || C < 64) {
       // Split the rows; every task covers all channels.
@@ -536,19 +528,16 @@ void channel_stats_update_cpu(const at::Tensor& x_in, int64_t axis, at::Tensor& 
   int64_t* he = B ? hexp.data_ptr<int64_t>() : nullptr;
   int64_t* cp = N ? chist.data_ptr<int64_t>() : nullptr;
   int64_t* ce = N ? chexp.data_ptr<int64_t>() : nullptr;
+#define CALIBFAST_CASE(dtype, Ld)                                       \
+  case dtype:                                                           \
+    update_typed<Ld>(x, L, fst, dst, ist, B, hp, he, N, cp, ce);        \
+    break;
   switch (x.scalar_type()) {
-    case at::kFloat:
-      update_typed<LoadF32>(x, L, fst, dst, ist, B, hp, he, N, cp, ce);
-      break;
-    case at::kDouble:
-      update_typed<LoadF64>(x, L, fst, dst, ist, B, hp, he, N, cp, ce);
-      break;
-    case at::kHalf:
-      update_typed<LoadF16>(x, L, fst, dst, ist, B, hp, he, N, cp, ce);
-      break;
-    case at::kBFloat16:
-      update_typed<LoadBF16>(x, L, fst, dst, ist, B, hp, he, N, cp, ce);
-      break;
+    CALIBFAST_CASE(at::kFloat, LoadF32)
+    CALIBFAST_CASE(at::kDouble, LoadF64)
+    CALIBFAST_CASE(at::kHalf, LoadF16)
+    CALIBFAST_CASE(at::kBFloat16, LoadBF16)
+#undef CALIBFAST_CASE
     default:
       TORCH_CHECK(false, "calibfast: unsupported dtype ", x.scalar_type());
   }

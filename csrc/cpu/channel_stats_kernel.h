@@ -339,33 +339,7 @@ static void run_fold(const typename Ld::in_t* __restrict__ p, int64_t n, int64_t
 
 // ---- entry points ------------------------------------------------------------------------------
 
-template <class Ld>
-static void rows_task(const void* data, const calibfast::Layout& L, int64_t r0, int64_t r1, int64_t c0,
-                      int64_t n, const Slot<typename Ld::acc_t>& s, typename Ld::acc_t* scratch) {
-  const auto* base = static_cast<const typename Ld::in_t*>(data);
-  if (L.channel_stride == 1) {
-    rows_range<Ld, true>(base, L, r0, r1, c0, n, s, scratch);
-  } else {
-    rows_range<Ld, false>(base, L, r0, r1, c0, n, s, scratch);
-  }
-  s.flush();
-}
-
-// Pairs [p0, p1) of (outer row q, channel c), p = q * C + c.
-template <class Ld>
-static void runs_task(const void* data, const calibfast::Layout& L, int64_t p0, int64_t p1,
-                      const Slot<typename Ld::acc_t>& s) {
-  const auto* base = static_cast<const typename Ld::in_t*>(data);
-  const int64_t C = L.channels;
-  for (int64_t pi = p0; pi < p1; ++pi) {
-    const int64_t q = pi / C;
-    const int64_t c = pi - q * C;
-    run_fold<Ld>(base + L.outer(q) + c * L.channel_stride, L.run, c, s);
-  }
-  s.flush();
-}
-
-// Histogram-only passes (after a range grew): rows [r0, r1) x channels [c0, c0 + n).
+// Histogram-only pass (after a range grew): rows [r0, r1) x channels [c0, c0 + n).
 template <class Ld, bool kUnit>
 static void rows_hist_range(const typename Ld::in_t* base, const calibfast::Layout& L, int64_t r0, int64_t r1,
                             int64_t c0, int64_t n, const Slot<typename Ld::acc_t>& s) {
@@ -379,28 +353,38 @@ static void rows_hist_range(const typename Ld::in_t* base, const calibfast::Layo
   }
 }
 
+// Rows [r0, r1) x channels [c0, c0 + n): statistics and histograms, or (scratch == nullptr)
+// histograms alone.
 template <class Ld>
-static void rows_hist_task(const void* data, const calibfast::Layout& L, int64_t r0, int64_t r1, int64_t c0,
-                           int64_t n, const Slot<typename Ld::acc_t>& s) {
+static void rows_task(const void* data, const calibfast::Layout& L, int64_t r0, int64_t r1, int64_t c0,
+                      int64_t n, const Slot<typename Ld::acc_t>& s, typename Ld::acc_t* scratch) {
   const auto* base = static_cast<const typename Ld::in_t*>(data);
-  if (L.channel_stride == 1) {
-    rows_hist_range<Ld, true>(base, L, r0, r1, c0, n, s);
+  const bool unit = L.channel_stride == 1;
+  if (scratch != nullptr) {
+    unit ? rows_range<Ld, true>(base, L, r0, r1, c0, n, s, scratch)
+         : rows_range<Ld, false>(base, L, r0, r1, c0, n, s, scratch);
   } else {
-    rows_hist_range<Ld, false>(base, L, r0, r1, c0, n, s);
+    unit ? rows_hist_range<Ld, true>(base, L, r0, r1, c0, n, s) : rows_hist_range<Ld, false>(base, L, r0, r1, c0, n, s);
   }
   s.flush();
 }
 
+// Pairs [p0, p1) of (outer row q, channel c), p = q * C + c: statistics and histograms, or
+// (stats == false) histograms alone.
 template <class Ld>
-static void runs_hist_task(const void* data, const calibfast::Layout& L, int64_t p0, int64_t p1,
-                           const Slot<typename Ld::acc_t>& s) {
+static void runs_task(const void* data, const calibfast::Layout& L, int64_t p0, int64_t p1,
+                      const Slot<typename Ld::acc_t>& s, bool stats) {
   const auto* base = static_cast<const typename Ld::in_t*>(data);
   const int64_t C = L.channels;
   for (int64_t pi = p0; pi < p1; ++pi) {
     const int64_t q = pi / C;
     const int64_t c = pi - q * C;
     const typename Ld::in_t* p = base + L.outer(q) + c * L.channel_stride;
-    for (int64_t b0 = 0; b0 < L.run; b0 += kRunBlock) hist_run<Ld>(p + b0, std::min(L.run - b0, kRunBlock), c, s);
+    if (stats) {
+      run_fold<Ld>(p, L.run, c, s);
+    } else {
+      for (int64_t b0 = 0; b0 < L.run; b0 += kRunBlock) hist_run<Ld>(p + b0, std::min(L.run - b0, kRunBlock), c, s);
+    }
   }
   s.flush();
 }

@@ -181,6 +181,28 @@ __device__ __forceinline__ int bin_of(acc_t v, const BinRule<acc_t>& r, int64_t 
   return (a >= r.lo && t < static_cast<acc_t>(bins)) ? static_cast<int>(t) : -1;  // NaN, Inf: -1
 }
 
+// Bins one value into the global histogram (shared-memory copy or global) and the value's
+// channel histogram, under this pass's rules.
+template <typename acc_t>
+__device__ __forceinline__ void bin_value(acc_t f, bool gon, const BinRule<acc_t>& grule, bool gsmem,
+                                          unsigned int* shist, bool con, const BinRule<acc_t>& crule,
+                                          unsigned long long* channel_hist, const HistParams& hp) {
+  if (gon) {
+    const int b = bin_of(f, grule, hp.B);
+    if (b >= 0) {
+      if (gsmem) {
+        atomicAdd(&shist[b], 1u);
+      } else {
+        atomicAdd(hp.hist + b, 1ull);
+      }
+    }
+  }
+  if (con) {
+    const int b = bin_of(f, crule, hp.N);
+    if (b >= 0) atomicAdd(channel_hist + b, 1ull);
+  }
+}
+
 // ---- the row kernel (kRows, kStrided) -----------------------------------------------------
 // kStats: statistics and histogram pass 1; otherwise histogram pass 2 only.
 template <class Ld, int VEC, bool kUnit, bool kStats>
@@ -271,20 +293,7 @@ __global__ void __launch_bounds__(32 * kWarps) rows_kernel(const typename Ld::in
                 atomicAdd(&sinf[tx * VEC + j], 1u);
               }
             }
-            if (gon) {
-              const int b = bin_of(f, grule, hp.B);
-              if (b >= 0) {
-                if (gsmem) {
-                  atomicAdd(&shist[b], 1u);
-                } else {
-                  atomicAdd(hp.hist + b, 1ull);
-                }
-              }
-            }
-            if (con) {
-              const int b = bin_of(f, crule[j], hp.N);
-              if (b >= 0) atomicAdd(hp.chist + (c0 + j) * hp.N + b, 1ull);
-            }
+            bin_value(f, gon, grule, gsmem, shist, con, crule[j], hp.chist + (c0 + j) * hp.N, hp);
           }
         }
       }
@@ -402,20 +411,7 @@ __global__ void __launch_bounds__(kRunThreads) runs_kernel(const typename Ld::in
             nnan += isnan(f) ? 1 : 0;
             ninf += isnan(f) ? 0 : 1;
           }
-          if (gon) {
-            const int b = bin_of(f, grule, hp.B);
-            if (b >= 0) {
-              if (gsmem) {
-                atomicAdd(&shist[b], 1u);
-              } else {
-                atomicAdd(hp.hist + b, 1ull);
-              }
-            }
-          }
-          if (con) {
-            const int b = bin_of(f, crule, hp.N);
-            if (b >= 0) atomicAdd(chist + b, 1ull);
-          }
+          bin_value(f, gon, grule, gsmem, shist, con, crule, chist, hp);
         }
       }
     }
