@@ -31,3 +31,41 @@ def _channel_stats_update_fake(x, axis, fstate, dstate, istate, hist, hexp, chis
 
 
 channel_stats_update = torch.ops.calibfast.channel_stats_update
+
+
+# ==== Range searches over |x| histograms (calibfast/ranges.py) ==================================
+# Kept together at the end of this file. CPU kernels: csrc/cpu/hist_amax.cpp; pure-torch
+# implementations: calibfast/_reference_ranges.py. Every op takes counts as 1-D [bins] or 2-D
+# [channels, bins] (int64, int32, float32 or float64; one search per row) and returns float32,
+# 0-d or [channels].
+#   hist_amax_*: bins of `width` (0-d or [channels], float64) from 0, calibfast's conventions.
+#   modelopt_amax_*: explicit `bin_edges` ([bins + 1] or [channels, bins + 1]), ModelOpt's
+#   conventions and results (calib/histogram.py _compute_amax_percentile / _mse / _entropy).
+from . import _reference_ranges  # noqa: E402
+
+_RANGE_OPS = {
+    "hist_amax_percentile": ("(Tensor hist, Tensor width, float percentile) -> Tensor",
+                             _reference_ranges.hist_amax_percentile),
+    "hist_amax_mse": ("(Tensor hist, Tensor width, str fmt) -> Tensor", _reference_ranges.hist_amax_mse),
+    "hist_amax_entropy": ("(Tensor hist, Tensor width, int levels) -> Tensor",
+                          _reference_ranges.hist_amax_entropy),
+    "modelopt_amax_percentile": ("(Tensor hist, Tensor bin_edges, float percentile) -> Tensor",
+                                 _reference_ranges.modelopt_amax_percentile),
+    "modelopt_amax_mse": ("(Tensor hist, Tensor bin_edges, int num_bits, bool is_unsigned, int stride, "
+                          "int start_bin) -> Tensor", _reference_ranges.modelopt_amax_mse),
+    "modelopt_amax_entropy": ("(Tensor hist, Tensor bin_edges, int num_bits, bool is_unsigned, int stride, "
+                              "int start_bin) -> Tensor", _reference_ranges.modelopt_amax_entropy),
+}
+
+for _name, (_sig, _impl) in _RANGE_OPS.items():
+    _lib.define(_name + _sig)
+    _lib.impl(_name, _impl, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"calibfast::{_name}", _reference_ranges.hist_amax_fake, lib=_lib)
+
+hist_amax_percentile = torch.ops.calibfast.hist_amax_percentile
+hist_amax_mse = torch.ops.calibfast.hist_amax_mse
+hist_amax_entropy = torch.ops.calibfast.hist_amax_entropy
+modelopt_amax_percentile = torch.ops.calibfast.modelopt_amax_percentile
+modelopt_amax_mse = torch.ops.calibfast.modelopt_amax_mse
+modelopt_amax_entropy = torch.ops.calibfast.modelopt_amax_entropy
+# ==== end of the range searches ===================================================================
