@@ -206,8 +206,13 @@ def _check(mn, mx, empty, scale):
                          f"min {_show(mn, overflow)}, max {_show(mx, overflow)}")
 
 
-def qparams(stats_or_amax, dtype="int8", symmetric=True, per_channel=False, narrow_range=False, *,
-            eps=torch.finfo(torch.float32).eps, reduce_range=False):
+# The format each dtype's range search (ChannelStats.amax's ``fmt``) optimises for.
+_SEARCH_FMT = {"int8": "int8", "uint8": "uint8", "int4": "int4", "uint4": "uint4", "fp8_e4m3": "fp8_e4m3",
+               "fp8_e5m2": "fp8_e5m2"}
+
+
+def qparams(stats_or_amax, dtype="int8", symmetric=True, per_channel=False, method="max", narrow_range=False,
+            *, percentile=99.99, compat=None, eps=torch.finfo(torch.float32).eps, reduce_range=False):
     """Scale and zero point for ``dtype`` from calibration statistics (see the module docstring
     for the conventions, which are torch.ao's).
 
@@ -220,6 +225,11 @@ def qparams(stats_or_amax, dtype="int8", symmetric=True, per_channel=False, narr
             quantization; fp8 is symmetric only.
         per_channel: one scale/zero point per channel (the statistics must be 1-d, [C]);
             otherwise per tensor from the global min/max over all channels.
+        method: how a :class:`~calibfast.ChannelStats` gives its range: ``"max"`` (min/max, the
+            default) or a clipping search over its histogram, ``"percentile"``, ``"mse"``,
+            ``"entropy"`` (:meth:`ChannelStats.amax`, for this dtype's format; symmetric only;
+            per channel needs ``channel_bins``).
+        percentile, compat: passed to :meth:`ChannelStats.amax`.
         narrow_range: drop the most negative code of a signed integer dtype (int8 [-127, 127],
             int4 [-7, 7]).
         eps: the smallest scale (as a float32), like torch.ao's observers.
@@ -239,6 +249,19 @@ def qparams(stats_or_amax, dtype="int8", symmetric=True, per_channel=False, narr
             raise ValueError(f"calibfast: narrow_range/reduce_range apply to integer dtypes, not {dtype}")
     else:
         qmin, qmax, sym_zp = _ranges(dtype, symmetric, narrow_range, reduce_range)
+    if method != "max":
+        from .stats import AMAX_METHODS, ChannelStats
+
+        if method not in AMAX_METHODS:
+            raise ValueError(f"calibfast: unknown method {method!r}; valid methods are {list(AMAX_METHODS)}")
+        if not isinstance(stats_or_amax, ChannelStats):
+            raise TypeError(f"calibfast: method={method!r} searches a ChannelStats histogram; got a "
+                            f"{type(stats_or_amax).__name__} (pass the ChannelStats, or method='max')")
+        if not symmetric:
+            raise ValueError(f"calibfast: method={method!r} clips |x| symmetrically (from a histogram of |x|); "
+                             "pass symmetric=True, or method='max' for an affine range")
+        stats_or_amax = stats_or_amax.amax(method, per_channel=per_channel, percentile=percentile,
+                                           fmt=_SEARCH_FMT[dtype], compat=compat)
 
     with torch.no_grad():
         mn, mx = _min_max(stats_or_amax)

@@ -8,6 +8,7 @@ from . import _ops, _reference
 from ._reference import FLOAT_DTYPES
 
 _BACKENDS = ("dispatch", "reference")
+AMAX_METHODS = ("max", "percentile", "mse", "entropy")
 
 _STATE_KEYS = ("min", "max", "absmin", "sum", "sum_abs", "sum_sq", "count", "nan_count", "inf_count")
 _HIST_KEYS = ("hist", "hist_exp", "channel_hist", "channel_hist_exp")
@@ -289,6 +290,40 @@ class ChannelStats:
         """Per-channel ranges, 2^channel_hist_exp (float64 [C]; 0 before any data)."""
         self._need_hist(channel=True)
         return _exp_to_max(self._che[0])
+
+    def amax(self, method="max", *, per_channel=False, percentile=99.99, fmt="int8", compat=None):
+        """The clipping range (amax of |x|) that ``method`` picks, per tensor (0-d) or per channel ([C]).
+
+        - ``"max"``: the abs-max of the finite values (exact; per channel: ``absmax``, -inf where a
+          channel saw nothing finite).
+        - ``"percentile"``: the smallest bin edge under which ``percentile`` % of the values lie
+          (within one bin width above the true percentile).
+        - ``"mse"``: the clip minimising the expected squared quantization error of ``fmt``
+          (``int8``, ``uint8``, ``int4``, ``uint4``, ``fp8_e4m3``, ``fp8_e5m2``), from the histogram.
+        - ``"entropy"``: TensorRT-style KL-divergence calibration (integer formats).
+
+        The searches run on the |x| histogram (``per_channel``: the per-channel histograms, which
+        need ``channel_bins``) in C++ (:mod:`calibfast.ranges`). ``compat="modelopt"`` reproduces
+        ModelOpt's conventions and results on the same histogram. Raises ValueError for an
+        unknown method or format, or an empty histogram.
+        """
+        if method not in AMAX_METHODS:
+            raise ValueError(f"calibfast: unknown amax method {method!r}; valid methods are {list(AMAX_METHODS)}")
+        self._need()
+        if method == "max":
+            a = self.absmax
+            if per_channel:
+                return a
+            if a.numel() == 0 or not bool(torch.isfinite(a).any()):
+                raise ValueError("calibfast: amax('max'): no finite value was seen")
+            return a.max()
+        from .ranges import hist_amax
+
+        if per_channel:
+            self._need_hist(channel=True)
+            return hist_amax(self._ch, self.channel_hist_max, method, percentile=percentile, fmt=fmt, compat=compat)
+        self._need_hist()
+        return hist_amax(self._h, self.hist_max, method, percentile=percentile, fmt=fmt, compat=compat)
 
     def _need_hist(self, channel=False):
         self._need()
