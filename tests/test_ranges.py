@@ -16,7 +16,6 @@ from conftest import native_on
 needs_native = pytest.mark.skipif(not native_on("cpu"), reason="the compiled CPU kernels are not built")
 
 try:  # ModelOpt is optional: only the compatibility tests need it
-    import numpy as np
     from modelopt.torch.quantization import tensor_quant as _mo_tq
     from modelopt.torch.quantization.calib import histogram as _mo_hist
 except Exception as e:  # pragma: no cover - depends on the environment

@@ -392,7 +392,8 @@ float mse_row(const double* c, int64_t B, double w, const Format& F, const Kerne
         qc = static_cast<double>(F.fmax) / S;
       }
       const long double uq = static_cast<long double>(qc) / w;
-      const long double clip = (t2[p] - 2.0L * uq * t1[p] + uq * uq * t0[p] + t1[p] - uq * t0[p] + t0[p] / 3.0L) * w * w;
+      const long double clip =
+          (t2[p] - 2.0L * uq * t1[p] + uq * uq * t0[p] + t1[p] - uq * t0[p] + t0[p] / 3.0L) * w * w;
       err[k - 1] = inside + static_cast<double>(clip);
     }
   });
@@ -463,7 +464,8 @@ at::Tensor hist_amax_entropy_cpu(const at::Tensor& hist, const at::Tensor& width
   const Hist h = load_hist(hist, op);
   const std::vector<double> w = load_widths(width, h, op);
   at::Tensor out = make_result(h);
-  for_rows(h, out.data_ptr<float>(), [&](int64_t r) { return entropy_row(h.row(r), h.bins, w[r], levels, ignore_zero_spike); });
+  for_rows(h, out.data_ptr<float>(),
+           [&](int64_t r) { return entropy_row(h.row(r), h.bins, w[r], levels, ignore_zero_spike); });
   return out;
 }
 
@@ -646,7 +648,8 @@ float modelopt_mse_row(const double* c_in, int64_t B, const double* edges, int64
       return acc;
     }
     const float s = mb / amax;
-    return out ? kern.terms_store(x.data(), c.data(), B, s, mb, out) : kern.terms_sum(x.data(), c.data(), B, s, mb, nullptr);
+    return out ? kern.terms_store(x.data(), c.data(), B, s, mb, out)
+               : kern.terms_sum(x.data(), c.data(), B, s, mb, nullptr);
   };
   std::vector<double> screen(n);
   at::parallel_for(0, n, 16, [&](int64_t b, int64_t e) {
