@@ -47,7 +47,7 @@ _RANGE_OPS = {
     "hist_amax_percentile": ("(Tensor hist, Tensor width, float percentile) -> Tensor",
                              _reference_ranges.hist_amax_percentile),
     "hist_amax_mse": ("(Tensor hist, Tensor width, str fmt) -> Tensor", _reference_ranges.hist_amax_mse),
-    "hist_amax_entropy": ("(Tensor hist, Tensor width, int levels) -> Tensor",
+    "hist_amax_entropy": ("(Tensor hist, Tensor width, int levels, bool ignore_zero_spike) -> Tensor",
                           _reference_ranges.hist_amax_entropy),
     "modelopt_amax_percentile": ("(Tensor hist, Tensor bin_edges, float percentile) -> Tensor",
                                  _reference_ranges.modelopt_amax_percentile),

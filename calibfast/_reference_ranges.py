@@ -71,16 +71,22 @@ def check_widths(width, rows, op):
     return w.tolist()
 
 
-def check_edges(edges, rows, bins, batched, op):
+def check_edges(edges, rows, bins, batched, op, extra_ok):
+    """load_edges of hist_amax.cpp: [bins + 1] or [rows, bins + 1] (extra_ok: or more, the first
+    bins + 1 used), as float64 [rows, bins + 1]."""
     if not edges.is_floating_point():
         raise TypeError(f"calibfast::{op}: bin edges must be floating point, got {edges.dtype}")
-    shared = edges.dim() == 1 and edges.shape[0] == bins + 1
-    per_row = batched and edges.dim() == 2 and tuple(edges.shape) == (rows, bins + 1)
+    n = edges.shape[-1] if edges.dim() >= 1 else 0
+    size_ok = n >= bins + 1 if extra_ok else n == bins + 1
+    shared = edges.dim() == 1 and size_ok
+    per_row = batched and edges.dim() == 2 and edges.shape[0] == rows and size_ok
     if not (shared or per_row):
+        more = " or more" if extra_ok else ""
         alt = f" or [{rows}, {bins + 1}]" if batched else ""
-        raise ValueError(f"calibfast::{op}: expected bin edges of shape [{bins + 1}]{alt} for a histogram of "
-                         f"shape {[rows, bins] if batched else [bins]}, got {list(edges.shape)}")
-    e = edges.to(torch.float64).reshape(-1, bins + 1)
+        why = "" if extra_ok else " (ModelOpt's own mse search fails on such a histogram too)"
+        raise ValueError(f"calibfast::{op}: expected bin edges of shape [{bins + 1}{more}]{alt} for a histogram of "
+                         f"shape {[rows, bins] if batched else [bins]}, got {list(edges.shape)}{why}")
+    e = edges.to(torch.float64)[..., :bins + 1].reshape(-1, bins + 1)
     return e.expand(rows, bins + 1) if shared else e
 
 
@@ -249,12 +255,15 @@ def entropy_curve(c, w, levels):
     return ii.to(torch.float64) * w, kl
 
 
-def hist_amax_entropy(hist, width, levels):
+def hist_amax_entropy(hist, width, levels, ignore_zero_spike):
     op = "hist_amax_entropy"
     if levels < 2:
         raise ValueError(f"calibfast::{op}: levels must be >= 2, got {levels}")
     c, batched = check_hist(hist, op)
     w = check_widths(width, c.shape[0], op)
+    if ignore_zero_spike and c.shape[1] >= 2:  # ModelOpt's rule: bin 0 takes bin 1's count
+        c = c.clone()
+        c[:, 0] = c[:, 1]
     out = []
     for r in range(c.shape[0]):
         K = _last_nonempty(c[r]) + 1
@@ -283,7 +292,7 @@ def modelopt_amax_percentile(hist, bin_edges, percentile):
     if not 0 <= percentile <= 100:
         raise ValueError(f"calibfast::{op}: percentile must be in [0, 100], got {percentile}")
     c, batched = check_hist(hist, op)
-    e = check_edges(bin_edges, c.shape[0], c.shape[1], batched, op)
+    e = check_edges(bin_edges, c.shape[0], c.shape[1], batched, op, True)
     out = []
     for r in range(c.shape[0]):
         cdf = torch.cumsum(c[r] / c[r].sum(), 0)
@@ -325,7 +334,7 @@ def modelopt_amax_mse(hist, bin_edges, num_bits, is_unsigned, stride, start_bin)
     _check_modelopt(op, num_bits, stride, start_bin, 0)
     c, batched = check_hist(hist, op)
     B = c.shape[1]
-    e = check_edges(bin_edges, c.shape[0], B, batched, op)
+    e = check_edges(bin_edges, c.shape[0], B, batched, op, False)
     if start_bin >= B:
         raise ValueError(f"calibfast::{op}: no candidates: ModelOpt's mse search tries bin centres {start_bin} to "
                          f"{B - 1} (start_bin must be below the number of bins, {B})")
@@ -374,7 +383,7 @@ def modelopt_amax_entropy(hist, bin_edges, num_bits, is_unsigned, stride, start_
     _check_modelopt(op, num_bits, stride, start_bin, 1)
     c, batched = check_hist(hist, op)
     B = c.shape[1]
-    e = check_edges(bin_edges, c.shape[0], B, batched, op)
+    e = check_edges(bin_edges, c.shape[0], B, batched, op, True)
     if B < 2:
         raise ValueError(f"calibfast::{op}: ModelOpt's entropy search needs at least 2 bins")
     if start_bin > B:

@@ -16,7 +16,6 @@ from conftest import native_on
 needs_native = pytest.mark.skipif(not native_on("cpu"), reason="the compiled CPU kernels are not built")
 
 try:  # ModelOpt is optional: only the compatibility tests need it
-    import numpy as np
     from modelopt.torch.quantization import tensor_quant as _mo_tq
     from modelopt.torch.quantization.calib import histogram as _mo_hist
 except Exception as e:  # pragma: no cover - depends on the environment
@@ -60,11 +59,13 @@ def _hist(x, bins):
     return torch.bincount(idx, minlength=bins), hmax
 
 
-def _mo_calibrator_hist(x, batches=1):
-    """A histogram filled by ModelOpt's HistogramCalibrator (float32 counts, growing bin edges)."""
+def _mo_calibrator_hist(x, grow=1.25):
+    """A histogram filled by ModelOpt's HistogramCalibrator in two batches, the second one's max
+    `grow` times the first's (its bins grow past 2048; float32 counts)."""
     cal = _mo_hist.HistogramCalibrator()
-    for part in x.float().chunk(batches):
-        cal.collect(part)
+    first, second = x.float().chunk(2)
+    cal.collect(first)
+    cal.collect(second / second.abs().max() * first.abs().max() * grow)
     return cal
 
 
@@ -129,8 +130,8 @@ def test_entropy_native_matches_reference(kind, fmt):
     h, hmax = _hist(_data(kind, 50_000, 3), 512)
     w = hmax / 512
     L = ENTROPY_LEVELS[fmt]
-    got = _ops.hist_amax_entropy(h, torch.tensor(w, dtype=torch.float64), L)
-    want = R.hist_amax_entropy(h, torch.tensor(w, dtype=torch.float64), L)
+    got = _ops.hist_amax_entropy(h, torch.tensor(w, dtype=torch.float64), L, False)
+    want = R.hist_amax_entropy(h, torch.tensor(w, dtype=torch.float64), L, False)
     amaxs, kl = R.entropy_curve(h.double(), w, L)
     if amaxs.numel() == 0:
         assert torch.equal(got, want)
@@ -149,9 +150,38 @@ def test_entropy_edge_cases_native_equals_reference():
         "dense": torch.arange(1, 400),
     }
     for name, h in cases.items():
-        got = _ops.hist_amax_entropy(h, w, 128)
-        want = R.hist_amax_entropy(h, w, 128)
+        got = _ops.hist_amax_entropy(h, w, 128, False)
+        want = R.hist_amax_entropy(h, w, 128, False)
         assert torch.equal(got, want), (name, got, want)
+
+
+@needs_native
+@pytest.mark.parametrize("kind", KINDS)
+def test_entropy_ignore_zero_spike_native_matches_reference(kind):
+    h, hmax = _hist(_data(kind, 50_000, 3), 512)
+    w = torch.tensor(hmax / 512, dtype=torch.float64)
+    got = _ops.hist_amax_entropy(h, w, 128, True)
+    want = R.hist_amax_entropy(h, w, 128, True)
+    h2 = h.double().clone()
+    h2[0] = h2[1]
+    amaxs, kl = R.entropy_curve(h2, float(w), 128)
+    if amaxs.numel() == 0:
+        assert torch.equal(got, want)
+    else:
+        _assert_same_or_tied(got, want, amaxs, kl, what=kind)
+
+
+def test_entropy_zero_spike():
+    # ReLU outputs: half the values are exact zeros. As TensorRT describes it the spike in bin 0
+    # pulls the range far down; with ignore_zero_spike the range lands near the mse optimum.
+    x = _data("relu", 200_000, 1)
+    h, hmax = _hist(x, 2048)
+    keep = float(hist_amax(h, hmax, "entropy"))
+    skip = float(hist_amax(h, hmax, "entropy", ignore_zero_spike=True))
+    a = x.abs()
+    errs = _raw_mse(a, torch.tensor([keep, skip, float(hist_amax(h, hmax, "mse"))], dtype=torch.float64), "int8")
+    assert keep < 0.6 * skip
+    assert errs[1] < 1.1 * errs[2] < errs[0] / 50
 
 
 # ---- against the raw data ------------------------------------------------------------------------
@@ -202,14 +232,14 @@ def _raw_mse(a, amaxs, fmt):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_mse_within_one_percent_of_brute_force(kind, fmt):
-    x = _data(kind, 20_000, 5)
+    x = _data(kind, 8_000, 5)
     a = x.abs()
     h, hmax = _hist(x, 2048)
     got = hist_amax(h, hmax, "mse", fmt=fmt).double()
-    # Brute force over the raw data: every bin edge and midpoint up to the max.
+    # Brute force over the raw data: every bin edge up to the max.
     w = hmax / 2048
     K = int(torch.nonzero(h)[-1]) + 1
-    cands = torch.arange(1, 2 * K + 1, dtype=torch.float64) * (w / 2)
+    cands = torch.arange(1, K + 1, dtype=torch.float64) * w
     best = float(_raw_mse(a, cands, fmt).min())
     reached = float(_raw_mse(a, got.reshape(1), fmt)[0])
     assert reached <= 1.01 * best, (float(got), reached, best)
@@ -306,9 +336,10 @@ def test_percentile_compat_equals_modelopt(kind):
 @needs_modelopt
 @pytest.mark.parametrize("kind", ["heavy", "relu", "outlier"])
 def test_compat_equals_histogram_calibrator(monkeypatch, kind):
-    # A real HistogramCalibrator fed in batches (its bins grow), 2048+ bins: compute_amax itself.
-    cal = _mo_calibrator_hist(_data(kind, 200_000, 6), batches=4)
+    # A real HistogramCalibrator fed in batches (its bins grow past 2048): compute_amax itself.
+    cal = _mo_calibrator_hist(_data(kind, 100_000, 6))
     h, e = cal._calib_hist, cal._calib_bin_edges
+    assert h.numel() > 2048
     for method in ("percentile", "entropy"):
         want = cal.compute_amax(method)
         got = modelopt_amax(h, e, method)
@@ -316,7 +347,15 @@ def test_compat_equals_histogram_calibrator(monkeypatch, kind):
     fixed = _fixed_fake_tensor_quant()
     if fixed is not None:
         monkeypatch.setattr(_mo_hist, "fake_tensor_quant", fixed)
-    assert float(modelopt_amax(h, e, "mse")) == float(cal.compute_amax("mse"))
+    if e.numel() == h.numel() + 1:
+        assert float(modelopt_amax(h, e, "mse")) == float(cal.compute_amax("mse"))
+    else:
+        # Once its bins have grown, ModelOpt's calibrator can hold bins + 2 edges (torch.arange
+        # rounding); its percentile and entropy searches only index them, its mse search fails.
+        with pytest.raises(RuntimeError):
+            cal.compute_amax("mse")
+        with pytest.raises(ValueError, match="ModelOpt's own mse search fails"):
+            modelopt_amax(h, e, "mse")
 
 
 @needs_modelopt
@@ -396,7 +435,8 @@ def test_per_channel_native_equals_reference():
     H2 = torch.stack([_synthetic(300, s, k)[0] for s, k in enumerate(SYNTH)])
     w = torch.tensor([0.5, 1.0, 0.25, 2.0, 1.0], dtype=torch.float64)
     assert torch.equal(_ops.hist_amax_percentile(H2, w, 99.0), R.hist_amax_percentile(H2, w, 99.0))
-    assert torch.equal(_ops.hist_amax_entropy(H2, w, 128), R.hist_amax_entropy(H2, w, 128))
+    assert torch.equal(_ops.hist_amax_entropy(H2, w, 128, False), R.hist_amax_entropy(H2, w, 128, False))
+    assert torch.equal(_ops.hist_amax_entropy(H2, w, 128, True), R.hist_amax_entropy(H2, w, 128, True))
     assert torch.equal(_ops.hist_amax_mse(H2, w, "int8"), R.hist_amax_mse(H2, w, "int8"))
 
 
@@ -418,7 +458,7 @@ def test_empty_histogram_is_a_value_error(method):
         hist_amax(torch.zeros(64, dtype=torch.int64), 1.0, method)
     H2 = torch.ones(3, 64, dtype=torch.int64)
     H2[1] = 0
-    with pytest.raises(ValueError, match=r"empty histogram \(row 1\)"):
+    with pytest.raises(ValueError, match=r"empty histogram \(all counts are zero\) in row 1"):
         hist_amax(H2, 1.0, method)
     if method != "max":
         with pytest.raises(ValueError, match="empty histogram"):
@@ -485,7 +525,7 @@ def test_opcheck():
     cases = [
         (_ops.hist_amax_percentile, (h, w, 99.0)),
         (_ops.hist_amax_mse, (h, w, "int8")),
-        (_ops.hist_amax_entropy, (h, w, 128)),
+        (_ops.hist_amax_entropy, (h, w, 128, False)),
         (_ops.modelopt_amax_percentile, (h, e, 99.0)),
         (_ops.modelopt_amax_mse, (h, e, 8, False, 1, 128)),
         (_ops.modelopt_amax_entropy, (h, e, 8, False, 1, 128)),

@@ -4,7 +4,7 @@
 //   hist_amax_percentile / hist_amax_mse / hist_amax_entropy
 //       calibfast's conventions: bins of width w over [0, B*w), bin j = [j*w, (j+1)*w); every
 //       candidate amax is a bin edge k*w; results never exceed the upper edge of the last
-//       non-empty bin.
+//       non-empty bin (full description: calibfast/ranges.py).
 //   modelopt_amax_percentile / modelopt_amax_mse / modelopt_amax_entropy
 //       the values of ModelOpt's _compute_amax_percentile / _compute_amax_mse /
 //       _compute_amax_entropy (nvidia-modelopt 0.47, calib/histogram.py) for the same counts and
@@ -140,17 +140,23 @@ std::vector<double> load_widths(const at::Tensor& width, const Hist& h, const ch
   return out;
 }
 
-// Bin edges [bins + 1] (shared) or [rows, bins + 1], as float64 [rows or 1, bins + 1].
-at::Tensor load_edges(const at::Tensor& edges, const Hist& h, const char* op) {
+// Bin edges [E] (shared) or [rows, E], as float64 [rows or 1, E]; E = bins + 1, or (extra_ok)
+// more: ModelOpt's percentile and entropy searches only index edges[0..bins], and its calibrator
+// can hold an edge or two more than bins + 1 once its bins have grown (torch.arange rounding).
+at::Tensor load_edges(const at::Tensor& edges, const Hist& h, const char* op, bool extra_ok) {
   TORCH_CHECK(edges.device().is_cpu(), "calibfast::", op, ": the bin edges are on ", edges.device());
   TORCH_CHECK_TYPE(at::isFloatingType(edges.scalar_type()), "calibfast::", op,
                    ": bin edges must be floating point, got ", edges.scalar_type());
-  const bool shared = edges.dim() == 1 && edges.size(0) == h.bins + 1;
-  const bool per_row = h.batched && edges.dim() == 2 && edges.size(0) == h.rows && edges.size(1) == h.bins + 1;
-  TORCH_CHECK_VALUE(shared || per_row, "calibfast::", op, ": expected bin edges of shape [", h.bins + 1, "]",
+  const int64_t n = edges.dim() >= 1 ? edges.size(-1) : 0;
+  const bool size_ok = extra_ok ? n >= h.bins + 1 : n == h.bins + 1;
+  const bool shared = edges.dim() == 1 && size_ok;
+  const bool per_row = h.batched && edges.dim() == 2 && edges.size(0) == h.rows && size_ok;
+  TORCH_CHECK_VALUE(shared || per_row, "calibfast::", op, ": expected bin edges of shape [", h.bins + 1,
+                    extra_ok ? " or more" : "", "]",
                     h.batched ? " or [" + std::to_string(h.rows) + ", " + std::to_string(h.bins + 1) + "]" : "",
-                    " for a histogram of shape ", h.counts.sizes(), ", got ", edges.sizes());
-  return edges.to(at::kDouble).contiguous().view({shared ? 1 : h.rows, h.bins + 1});
+                    " for a histogram of shape ", h.counts.sizes(), ", got ", edges.sizes(),
+                    extra_ok ? "" : " (ModelOpt's own mse search fails on such a histogram too)");
+  return edges.to(at::kDouble).narrow(-1, 0, h.bins + 1).contiguous().view({shared ? 1 : h.rows, h.bins + 1});
 }
 
 at::Tensor make_result(const Hist& h) {
@@ -251,10 +257,11 @@ struct Prefix {
   }
 };
 
-// Levels with at most this many non-empty bins are summed directly, c * log(c * n / L) per bin,
-// which is exactly 0 when their counts are equal (P == Q there): mathematically equal divergences
-// (ties) then stay equal and the tie rule decides, not rounding.
-constexpr int64_t kDirectLevel = 8;
+// A level whose (at most kEqualCheck) non-empty bins below i-1 all hold the same count
+// contributes exactly 0 (P == Q there) rather than a prefix-sum difference: mathematically equal
+// divergences (ties, e.g. KL = 0 when the data fit the levels) then stay equal and the tie rule
+// decides, not rounding.
+constexpr int64_t kEqualCheck = 8;
 
 // lo: level boundaries, lo[0] = 0 <= lo[1] <= ... <= lo[levels] = i.
 // Returns +inf where P has mass that Q cannot carry, NaN where Q has no mass (S = 0).
@@ -277,18 +284,16 @@ double kl_by_prefix(const Prefix& pf, const double* cnt, int64_t i, const int64_
     const int64_t bb = std::min(b, i - 1);  // bins of this level below i-1
     if (b == i) lastq_log = lg;
     if (bb <= a) continue;
-    if (nk <= kDirectLevel) {
-      double d = 0;
-      for (int64_t p = pf.nz[a]; p < pf.nz[a] + nk; ++p) {
-        const int64_t j = pf.where[p];
-        if (j >= bb) break;
-        d += cnt[j] * std::log((cnt[j] * static_cast<double>(nk)) / Lk);
-      }
-      main += d;
-    } else {
-      const long double Ck = static_cast<long double>(pf.c[bb] - pf.c[a]);
-      main += (pf.t[bb] - pf.t[a]) - Ck * lg;
+    if (nk <= kEqualCheck) {
+      const int64_t p0 = pf.nz[a];
+      const double c0 = cnt[pf.where[p0]];
+      bool equal = true;
+      for (int64_t p = p0 + 1; p < p0 + nk && pf.where[p] < bb; ++p) equal = equal && cnt[pf.where[p]] == c0;
+      // (the bin i-1, when in this level, is not part of the sum but is part of L_k and n_k)
+      if (equal && (b != i || cl == c0 || cl == 0)) continue;
     }
+    const long double Ck = static_cast<long double>(pf.c[bb] - pf.c[a]);
+    main += (pf.t[bb] - pf.t[a]) - Ck * lg;
   }
   if (O > 0) main += static_cast<long double>(pf.c[i - 1]) * std::log(static_cast<long double>(S / N));
   double kl = static_cast<double>(main / N);
@@ -363,7 +368,11 @@ float mse_row(const double* c, int64_t B, double w, const Format& F, const Kerne
   }
   const int64_t K = last_nonempty(c, B) + 1;
   std::vector<double> err(K);
-  at::parallel_for(1, K + 1, 16, [&](int64_t b, int64_t e) {
+  // Threads only for enough work (cell evaluations, a few ns each): waking them costs more below.
+  int64_t work = 0;
+  for (int64_t k = 1; k <= K; ++k) work += below[k];
+  const int64_t grain = work < (int64_t{1} << 20) ? K : 16;
+  at::parallel_for(1, K + 1, grain, [&](int64_t b, int64_t e) {
     for (int64_t k = b; k < e; ++k) {
       const double a = static_cast<double>(k) * w;
       const int64_t p = below[k];
@@ -383,7 +392,8 @@ float mse_row(const double* c, int64_t B, double w, const Format& F, const Kerne
         qc = static_cast<double>(F.fmax) / S;
       }
       const long double uq = static_cast<long double>(qc) / w;
-      const long double clip = (t2[p] - 2.0L * uq * t1[p] + uq * uq * t0[p] + t1[p] - uq * t0[p] + t0[p] / 3.0L) * w * w;
+      const long double clip =
+          (t2[p] - 2.0L * uq * t1[p] + uq * uq * t0[p] + t1[p] - uq * t0[p] + t0[p] / 3.0L) * w * w;
       err[k - 1] = inside + static_cast<double>(clip);
     }
   });
@@ -394,7 +404,14 @@ float mse_row(const double* c, int64_t B, double w, const Format& F, const Kerne
   return static_cast<float>(static_cast<double>(best + 1) * w);
 }
 
-float entropy_row(const double* c, int64_t B, double w, int64_t levels) {
+float entropy_row(const double* c_in, int64_t B, double w, int64_t levels, bool ignore_zero_spike) {
+  std::vector<double> copy;
+  const double* c = c_in;
+  if (ignore_zero_spike && B >= 2) {  // ModelOpt's rule: bin 0 takes bin 1's count
+    copy.assign(c_in, c_in + B);
+    copy[0] = copy[1];
+    c = copy.data();
+  }
   const int64_t K = last_nonempty(c, B) + 1;
   // All data within `levels` bins: the quantized distribution equals P, KL = 0 at the max.
   if (K <= levels) return static_cast<float>(static_cast<double>(K) * w);
@@ -440,13 +457,15 @@ at::Tensor hist_amax_mse_cpu(const at::Tensor& hist, const at::Tensor& width, c1
   return out;
 }
 
-at::Tensor hist_amax_entropy_cpu(const at::Tensor& hist, const at::Tensor& width, int64_t levels) {
+at::Tensor hist_amax_entropy_cpu(const at::Tensor& hist, const at::Tensor& width, int64_t levels,
+                                 bool ignore_zero_spike) {
   const char* op = "hist_amax_entropy";
   TORCH_CHECK_VALUE(levels >= 2, "calibfast::", op, ": levels must be >= 2, got ", levels);
   const Hist h = load_hist(hist, op);
   const std::vector<double> w = load_widths(width, h, op);
   at::Tensor out = make_result(h);
-  for_rows(h, out.data_ptr<float>(), [&](int64_t r) { return entropy_row(h.row(r), h.bins, w[r], levels); });
+  for_rows(h, out.data_ptr<float>(),
+           [&](int64_t r) { return entropy_row(h.row(r), h.bins, w[r], levels, ignore_zero_spike); });
   return out;
 }
 
@@ -583,7 +602,7 @@ at::Tensor modelopt_amax_entropy_cpu(const at::Tensor& hist, const at::Tensor& b
   TORCH_CHECK_VALUE(stride >= 1, "calibfast::", op, ": stride must be >= 1, got ", stride);
   TORCH_CHECK_VALUE(start_bin >= 1, "calibfast::", op, ": start_bin must be >= 1, got ", start_bin);
   const Hist h = load_hist(hist, op);
-  const at::Tensor edges = load_edges(bin_edges, h, op);
+  const at::Tensor edges = load_edges(bin_edges, h, op, true);
   TORCH_CHECK_VALUE(h.bins >= 2, "calibfast::", op, ": ModelOpt's entropy search needs at least 2 bins");
   TORCH_CHECK_VALUE(start_bin <= h.bins, "calibfast::", op, ": no candidates: start_bin (", start_bin,
                     ") is beyond the number of bins (", h.bins, ")");
@@ -629,7 +648,8 @@ float modelopt_mse_row(const double* c_in, int64_t B, const double* edges, int64
       return acc;
     }
     const float s = mb / amax;
-    return out ? kern.terms_store(x.data(), c.data(), B, s, mb, out) : kern.terms_sum(x.data(), c.data(), B, s, mb, nullptr);
+    return out ? kern.terms_store(x.data(), c.data(), B, s, mb, out)
+               : kern.terms_sum(x.data(), c.data(), B, s, mb, nullptr);
   };
   std::vector<double> screen(n);
   at::parallel_for(0, n, 16, [&](int64_t b, int64_t e) {
@@ -689,7 +709,7 @@ at::Tensor modelopt_amax_mse_cpu(const at::Tensor& hist, const at::Tensor& bin_e
   TORCH_CHECK_VALUE(stride >= 1, "calibfast::", op, ": stride must be >= 1, got ", stride);
   TORCH_CHECK_VALUE(start_bin >= 0, "calibfast::", op, ": start_bin must be >= 0, got ", start_bin);
   const Hist h = load_hist(hist, op);
-  const at::Tensor edges = load_edges(bin_edges, h, op);
+  const at::Tensor edges = load_edges(bin_edges, h, op, false);
   TORCH_CHECK_VALUE(start_bin < h.bins, "calibfast::", op, ": no candidates: ModelOpt's mse search tries bin centres ",
                     start_bin, " to ", h.bins - 1, " (start_bin must be below the number of bins, ", h.bins, ")");
   at::Tensor out = make_result(h);
@@ -711,7 +731,7 @@ at::Tensor modelopt_amax_percentile_cpu(const at::Tensor& hist, const at::Tensor
   TORCH_CHECK_VALUE(percentile >= 0 && percentile <= 100, "calibfast::", op,
                     ": percentile must be in [0, 100], got ", percentile);
   const Hist h = load_hist(hist, op);
-  const at::Tensor edges = load_edges(bin_edges, h, op);
+  const at::Tensor edges = load_edges(bin_edges, h, op, true);
   at::Tensor out = make_result(h);
   const double* e = edges.const_data_ptr<double>();
   const int64_t estride = edges.size(0) == 1 ? 0 : h.bins + 1;
