@@ -233,9 +233,16 @@ def run_default(args, parser=None):
 # ---- command registry -----------------------------------------------------------------------
 
 COMMANDS = {
-    "run": ("calibrate the embedded default model (MiniLM on Python's docs) and print per-layer "
-            "statistics (the default command)", _add_run_arguments, run_default),
+    "run": ("calibrate the embedded default model (MiniLM on Python's docs), time it against a plain "
+            "forward pass and print per-layer statistics (the default command)", _add_run_arguments,
+            run_default),
 }
+
+
+def _all_commands():
+    from .cli import COMMANDS as MORE
+
+    return {**COMMANDS, **MORE}
 
 
 def build_parser():
@@ -247,7 +254,7 @@ def build_parser():
 
     parser.add_argument("--version", action="version", version=f"calibfast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (help_text, add_args, func) in COMMANDS.items():
+    for name, (help_text, add_args, func) in _all_commands().items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         add_args(p)
         p.set_defaults(_func=func, _parser=p)
@@ -262,7 +269,20 @@ def main(argv=None):
         argv = [DEFAULT_COMMAND] + argv
     parser = build_parser()
     args = parser.parse_args(argv)
-    return args._func(args, args._parser)
+    from .cli import UserError
+
+    try:
+        return args._func(args, args._parser)
+    except UserError as e:
+        print(f"calibfast {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001
+        from .io import StatsFileError
+
+        if isinstance(e, (StatsFileError, FileNotFoundError, IsADirectoryError, PermissionError)):
+            print(f"calibfast {args.command}: error: {str(e).replace('calibfast: ', '')}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

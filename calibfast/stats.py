@@ -291,7 +291,8 @@ class ChannelStats:
         self._need_hist(channel=True)
         return _exp_to_max(self._che[0])
 
-    def amax(self, method="max", *, per_channel=False, percentile=99.99, fmt="int8", compat=None):
+    def amax(self, method="max", *, per_channel=False, percentile=99.99, fmt="int8", compat=None,
+             ignore_zero_spike=False):
         """The clipping range (amax of |x|) that ``method`` picks, per tensor (0-d) or per channel ([C]).
 
         - ``"max"``: the abs-max of the finite values (exact; per channel: ``absmax``, -inf where a
@@ -300,7 +301,9 @@ class ChannelStats:
           (within one bin width above the true percentile).
         - ``"mse"``: the clip minimising the expected squared quantization error of ``fmt``
           (``int8``, ``uint8``, ``int4``, ``uint4``, ``fp8_e4m3``, ``fp8_e5m2``), from the histogram.
-        - ``"entropy"``: TensorRT-style KL-divergence calibration (integer formats).
+        - ``"entropy"``: TensorRT-style KL-divergence calibration (integer formats);
+          ``ignore_zero_spike=True`` gives bin 0 bin 1's count first, as ModelOpt does, which helps
+          on ReLU outputs (a spike of zeros otherwise pulls the clip down).
 
         The searches run on the |x| histogram (``per_channel``: the per-channel histograms, which
         need ``channel_bins``) in C++ (:mod:`calibfast.ranges`). ``compat="modelopt"`` reproduces
@@ -321,9 +324,11 @@ class ChannelStats:
 
         if per_channel:
             self._need_hist(channel=True)
-            return hist_amax(self._ch, self.channel_hist_max, method, percentile=percentile, fmt=fmt, compat=compat)
+            return hist_amax(self._ch, self.channel_hist_max, method, percentile=percentile, fmt=fmt, compat=compat,
+                             ignore_zero_spike=ignore_zero_spike)
         self._need_hist()
-        return hist_amax(self._h, self.hist_max, method, percentile=percentile, fmt=fmt, compat=compat)
+        return hist_amax(self._h, self.hist_max, method, percentile=percentile, fmt=fmt, compat=compat,
+                         ignore_zero_spike=ignore_zero_spike)
 
     def _need_hist(self, channel=False):
         self._need()
