@@ -17,6 +17,7 @@ from ._native import cpu_capability, native_backends  # noqa: E402
 from .hooks import Collector, channel_axis, collect  # noqa: E402
 from .quantize import QParams, fake_quantize, qparams  # noqa: E402
 from .stats import ChannelStats  # noqa: E402
+from . import data  # noqa: E402,F401  (calibfast.data: calibration data and sample selection)
 
 __all__ = [
     "ChannelStats",

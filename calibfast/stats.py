@@ -298,7 +298,7 @@ class ChannelStats:
         - ``"max"``: the abs-max of the finite values (exact; per channel: ``absmax``, -inf where a
           channel saw nothing finite).
         - ``"percentile"``: the smallest bin edge under which ``percentile`` % of the values lie
-          (within one bin width above the true percentile).
+          (within one bin width above the true percentile), capped at the abs-max.
         - ``"mse"``: the clip minimising the expected squared quantization error of ``fmt``
           (``int8``, ``uint8``, ``int4``, ``uint4``, ``fp8_e4m3``, ``fp8_e5m2``), from the histogram.
         - ``"entropy"``: TensorRT-style KL-divergence calibration (integer formats);
@@ -306,7 +306,8 @@ class ChannelStats:
           on ReLU outputs (a spike of zeros otherwise pulls the clip down).
 
         The searches run on the |x| histogram (``per_channel``: the per-channel histograms, which
-        need ``channel_bins``) in C++ (:mod:`calibfast.ranges`). ``compat="modelopt"`` reproduces
+        need ``channel_bins``) in C++ (:mod:`calibfast.ranges`); results above the abs-max seen
+        are capped at it. ``compat="modelopt"`` reproduces
         ModelOpt's conventions and results on the same histogram. Raises ValueError for an
         unknown method or format, or an empty histogram.
         """
@@ -324,11 +325,17 @@ class ChannelStats:
 
         if per_channel:
             self._need_hist(channel=True)
-            return hist_amax(self._ch, self.channel_hist_max, method, percentile=percentile, fmt=fmt, compat=compat,
-                             ignore_zero_spike=ignore_zero_spike)
-        self._need_hist()
-        return hist_amax(self._h, self.hist_max, method, percentile=percentile, fmt=fmt, compat=compat,
-                         ignore_zero_spike=ignore_zero_spike)
+            a = hist_amax(self._ch, self.channel_hist_max, method, percentile=percentile, fmt=fmt, compat=compat,
+                          ignore_zero_spike=ignore_zero_spike)
+            cap = self.absmax
+        else:
+            self._need_hist()
+            a = hist_amax(self._h, self.hist_max, method, percentile=percentile, fmt=fmt, compat=compat,
+                          ignore_zero_spike=ignore_zero_spike)
+            cap = self.absmax.max()
+        # A bin edge above the largest value seen clips nothing more than the abs-max itself and
+        # only coarsens the scale: cap there (not in compat mode, which reproduces the peer as is).
+        return a if compat is not None else torch.minimum(a, cap.to(a.dtype))
 
     def _need_hist(self, channel=False):
         self._need()

@@ -25,10 +25,11 @@ def test_searches_use_the_histograms(method):
     x, s = _stats()
     a = s.amax(method)
     assert a.dim() == 0 and 0 < float(a) <= float(s.hist_max)
-    assert torch.equal(a, hist_amax(s.hist, s.hist_max, method))
+    assert torch.equal(a, torch.minimum(hist_amax(s.hist, s.hist_max, method), s.absmax.max()))
     pc = s.amax(method, per_channel=True)
     assert pc.shape == (16,)
-    assert torch.equal(pc, hist_amax(s.channel_hist, s.channel_hist_max, method))
+    assert torch.equal(pc, torch.minimum(hist_amax(s.channel_hist, s.channel_hist_max, method), s.absmax))
+    assert torch.equal(s.amax(method, compat="modelopt"), hist_amax(s.hist, s.hist_max, method, compat="modelopt"))
 
 
 def test_percentile_close_to_torch_quantile():
@@ -37,6 +38,7 @@ def test_percentile_close_to_torch_quantile():
     a = float(s.amax("percentile", percentile=99.9))
     width = float(s.hist_max) / s.bins
     assert q <= a + 1e-9 and a - q <= width + 1e-9
+    assert float(s.amax("percentile", percentile=100.0)) == float(x.abs().max())  # capped at the abs-max
 
 
 def test_errors():
