@@ -278,14 +278,7 @@ static void run_fold(const typename Ld::in_t* __restrict__ p, int64_t n, int64_t
     const int64_t bn = std::min(n - b0, kRunBlock);
     const typename Ld::in_t* __restrict__ q = p + b0;
     acc_t mn[kLanes], mx[kLanes], amn[kLanes], sm[kLanes], sa[kLanes], sq[kLanes];
-    for (int l = 0; l < kLanes; ++l) {
-      mn[l] = inf;
-      mx[l] = -inf;
-      amn[l] = inf;
-      sm[l] = 0;
-      sa[l] = 0;
-      sq[l] = 0;
-    }
+    init_chunk<acc_t>(kLanes, mn, mx, amn, sm, sa, sq);
     int64_t i = 0;
     for (; i + kLanes <= bn; i += kLanes) {
       for (int l = 0; l < kLanes; ++l) {

@@ -686,19 +686,16 @@ void channel_stats_update_cuda(const at::Tensor& x_in, int64_t axis, at::Tensor&
     hp.chist = reinterpret_cast<unsigned long long*>(chist.data_ptr<int64_t>());
     hp.chexp = chexp.data_ptr<int64_t>();
   }
+#define CALIBFAST_CASE(dtype, Ld)                              \
+  case dtype:                                                  \
+    update_typed<Ld>(x, L, fst, dst, ist, hp, stream, sms);    \
+    break;
   switch (x.scalar_type()) {
-    case at::kFloat:
-      update_typed<LdF32>(x, L, fst, dst, ist, hp, stream, sms);
-      break;
-    case at::kDouble:
-      update_typed<LdF64>(x, L, fst, dst, ist, hp, stream, sms);
-      break;
-    case at::kHalf:
-      update_typed<LdF16>(x, L, fst, dst, ist, hp, stream, sms);
-      break;
-    case at::kBFloat16:
-      update_typed<LdBF16>(x, L, fst, dst, ist, hp, stream, sms);
-      break;
+    CALIBFAST_CASE(at::kFloat, LdF32)
+    CALIBFAST_CASE(at::kDouble, LdF64)
+    CALIBFAST_CASE(at::kHalf, LdF16)
+    CALIBFAST_CASE(at::kBFloat16, LdBF16)
+#undef CALIBFAST_CASE
     default:
       TORCH_CHECK(false, "calibfast: unsupported dtype ", x.scalar_type());
   }
