@@ -257,10 +257,16 @@ def _take(tokenizer, items, n, min_tokens, seen, exclude=frozenset(), chunk=256)
 # ---- quantization ---------------------------------------------------------------------------
 
 def percentile_amax(stats, p):
-    """Per-tensor p-th percentile of |x| from a ChannelStats histogram.
-
-    Swap point: once ChannelStats has ``amax("percentile", percentile=p)``, call that here."""
-    return hist_percentile(stats.hist.cpu().numpy(), float(stats.hist_max), p, float(stats.absmax.max()))
+    """Per-tensor p-th percentile of |x| from a ChannelStats histogram, capped at the abs-max:
+    calibfast's own ``stats.amax("percentile", percentile=p)`` (the upper edge of the bin where
+    the cumulative count reaches p%) where this calibfast has it, else the same rule computed here
+    (:func:`hist_percentile`, which the merged per-sample path always uses; the merge check compares
+    the two). The cap matters only when p% is reached in the top occupied bin, whose upper edge
+    can exceed the largest value seen."""
+    absmax = float(stats.absmax.max())
+    if callable(getattr(stats, "amax", None)):
+        return min(float(stats.amax("percentile", percentile=p)), absmax)
+    return hist_percentile(stats.hist.cpu().numpy(), float(stats.hist_max), p, absmax)
 
 
 def hist_percentile(hist, hist_max, p, absmax):
