@@ -269,6 +269,7 @@ def _reduce(all_stats, all_hessians, plan, group):
         if s._f is None:  # no data on this rank: take the shape of the ranks that have some
             C, s.bins, s.channel_bins = p
             s._allocate(C, dev)
+        s._epoch += 1  # its state changes below
         stats.append(s)
     hessians = []
     for h, C in zip(all_hessians, plan["hessians"]):

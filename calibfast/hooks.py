@@ -1,6 +1,8 @@
 """Collect per-channel statistics inside a model's forward pass with forward hooks."""
 
 import contextlib
+import itertools
+import weakref
 import inspect
 
 import torch
@@ -77,6 +79,12 @@ class Collector:
         self.inputs = {}
         self.outputs = {}
         self.hessians = {}
+        self._shared = None
+
+    @property
+    def shared_updates(self):
+        """Updates that were copies of a sibling's (``collect(share_inputs=True)``): reads saved."""
+        return self._shared.shared if self._shared is not None else 0
 
     @property
     def _primary(self):
@@ -121,6 +129,74 @@ class Collector:
         return f"Collector(capture={self.capture!r}, modules={len(self)})"
 
 
+def _version_of(t):
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors keep no version counter
+        return None
+
+
+class _SharedInputs:
+    """Folds each distinct tensor once when several hooked modules see the very same one (the
+    q/k/v projections of one hidden state, gate/up of a gated MLP): the later modules' statistics
+    are copied instead of read again from the tensor.
+
+    Every ChannelStats the hooks update has a lineage: an id for the exact sequence of tensors it
+    folded in since its state was last set. When a hook is about to fold tensor t into s, and
+    another ChannelStats r of the same configuration went from s's lineage to a new one by folding
+    the same t (the same object, with the same version counter), and neither was changed since
+    (each keeps an epoch that every update, merge, reset or load bumps), then s becomes a copy of
+    r: the state the update would have produced. Anything else (a tensor not seen just before, a
+    state touched outside the hooks) is an ordinary update. Inference tensors have no version
+    counter: for them the same object is taken to hold the same values, which holds unless the
+    model writes into a layer's input in place between two sibling layers."""
+
+    _RECENT = 4  # tensors remembered (inputs and outputs of consecutive hooks)
+
+    def __init__(self):
+        self._ids = itertools.count(1)
+        self._recent = []  # [(weakref to the tensor, version, token)], newest last
+        self._next = {}  # token -> {lineage: lineage after folding it}
+        self._holder = {}  # token -> {lineage: the ChannelStats that reached it}
+        self._state = {}  # id(stats) -> (lineage, epoch when recorded)
+        self.shared = 0  # updates saved
+
+    def _token(self, t):
+        v = _version_of(t)
+        for ref, ver, tok in self._recent:
+            if ref() is t and ver == v:
+                return tok
+        tok = next(self._ids)
+        self._recent.append((weakref.ref(t), v, tok))
+        self._next[tok], self._holder[tok] = {}, {}
+        if len(self._recent) > self._RECENT:
+            _, _, old = self._recent.pop(0)
+            del self._next[old], self._holder[old]
+        return tok
+
+    def fold(self, s, t):
+        tok = self._token(t)
+        rec = self._state.get(id(s))
+        if s._f is None:
+            lin = ("empty", s.axis, s.bins, s.channel_bins, s.backend)  # all fresh ones are alike
+        elif rec is not None and rec[1] == s._epoch:
+            lin = rec[0]
+        else:
+            lin = next(self._ids)  # a history the hooks did not see: its own
+        new = self._next[tok].get(lin)
+        src = self._holder[tok].get(new) if new is not None else None
+        if (src is not None and src is not s and self._state.get(id(src)) == (new, src._epoch)
+                and src._same_config(s) and src.initialized):
+            s._copy_state_from(src)
+            self.shared += 1
+        else:
+            s.update(t)
+            if new is None:
+                new = self._next[tok][lin] = next(self._ids)
+            self._holder[tok][new] = s
+        self._state[id(s)] = (new, s._epoch)
+
+
 class InputHessian:
     """Running XᵀX of a Linear layer's inputs (rows = every position of every batch), the input
     Hessian that GPTQ-style weight quantizers use (H = 2 XᵀX / count). Accumulated in float32 on
@@ -154,7 +230,7 @@ class InputHessian:
 
 @contextlib.contextmanager
 def collect(model, *, capture="input", modules=None, axis=None, backend="dispatch", bins=2048,
-            channel_bins=0, hessian=False):
+            channel_bins=0, hessian=False, share_inputs=True):
     """Attach forward hooks that fold activations into per-channel statistics.
 
     Args:
@@ -168,6 +244,10 @@ def collect(model, *, capture="input", modules=None, axis=None, backend="dispatc
         bins, channel_bins: histogram sizes of every :class:`ChannelStats`.
         hessian: also accumulate each hooked nn.Linear's input XᵀX (:class:`InputHessian`, in
             ``collector.hessians``), for GPTQ-style quantizers.
+        share_inputs: when several hooked modules get the very same tensor in a row (q/k/v
+            projections, gate/up), read it once and copy the resulting statistics to the others
+            (the same values an update gives; ``collector.shared_updates`` counts the reads
+            saved). ``False`` updates every module from the tensor.
 
     Yields a :class:`Collector`. Hooks are removed on exit, also when the body raises; the
     statistics stay in the collector.
@@ -178,6 +258,8 @@ def collect(model, *, capture="input", modules=None, axis=None, backend="dispatc
         raise TypeError(f"calibfast: collect expects an nn.Module, got {type(model).__name__}")
     selected = _select(model, modules)
     col = Collector(capture)
+    shared = _SharedInputs() if share_inputs else None
+    col._shared = shared
     want_in = capture in ("input", "both")
     want_out = capture in ("output", "both")
     handles = []
@@ -191,14 +273,16 @@ def collect(model, *, capture="input", modules=None, axis=None, backend="dispatc
             s_in = col.inputs.setdefault(name, make(ax)) if want_in else None
             s_out = col.outputs.setdefault(name, make(ax)) if want_out else None
             h = col.hessians.setdefault(name, InputHessian()) if hessian and isinstance(mod, nn.Linear) else None
-            handles.append(mod.register_forward_hook(_make_hook(s_in, s_out, h), with_kwargs=True))
+            handles.append(mod.register_forward_hook(_make_hook(s_in, s_out, h, shared), with_kwargs=True))
         yield col
     finally:
         for h in handles:
             h.remove()
 
 
-def _make_hook(s_in, s_out, hess=None):
+def _make_hook(s_in, s_out, hess=None, shared=None):
+    fold = shared.fold if shared is not None else (lambda s, t: s.update(t))
+
     def hook(module, args, kwargs, output):
         if s_in is not None or hess is not None:
             t = _first_tensor(args)
@@ -206,12 +290,12 @@ def _make_hook(s_in, s_out, hess=None):
                 t = _first_tensor(kwargs)
             if t is not None:
                 if s_in is not None:
-                    s_in.update(t)
+                    fold(s_in, t)
                 if hess is not None:
                     hess.update(t)
         if s_out is not None:
             t = _first_tensor(output)
             if t is not None:
-                s_out.update(t)
+                fold(s_out, t)
 
     return hook

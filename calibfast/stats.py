@@ -71,6 +71,7 @@ class ChannelStats:
         self.channel_bins = channel_bins
         self.backend = backend
         self._update = _ops.channel_stats_update if backend == "dispatch" else _reference.channel_stats_update
+        self._epoch = 0  # bumped by every change of the state (collect() uses it to share work)
         for name in _TENSORS:
             setattr(self, name, None)
         if num_channels is not None:
@@ -80,6 +81,7 @@ class ChannelStats:
     def _allocate(self, C, device):
         # Normal tensors even when the first update happens under torch.inference_mode(), so the
         # state can be updated and merged afterwards outside it.
+        self._epoch += 1
         with torch.inference_mode(False):
             f = torch.empty(3, C, dtype=torch.float32, device=device)
             f[0].fill_(math.inf)
@@ -139,7 +141,29 @@ class ChannelStats:
         elif x.device != self._f.device:
             raise ValueError(f"calibfast: the statistics are on {self._f.device} but the tensor is on "
                              f"{x.device}; move one of them (ChannelStats.to(device))")
+        self._epoch += 1
         self._update(x.detach(), self.axis, self._f, self._d, self._i, self._h, self._he, self._ch, self._che)
+        return self
+
+    def _same_config(self, other):
+        return (self.axis, self.bins, self.channel_bins, self.backend) == \
+            (other.axis, other.bins, other.channel_bins, other.backend)
+
+    def _copy_state_from(self, other):
+        """Make this state a copy of ``other``'s (same configuration; used by collect() when two
+        modules are known to have seen exactly the same tensors)."""
+        self._epoch += 1
+        if other._f is None:
+            for name in _TENSORS:
+                setattr(self, name, None)
+            return self
+        with torch.inference_mode(False):
+            for name in _TENSORS:
+                src, dst = getattr(other, name), getattr(self, name)
+                if dst is None or dst.shape != src.shape or dst.device != src.device:
+                    setattr(self, name, src.clone())
+                else:
+                    dst.copy_(src)
         return self
 
     def merge(self, other):
@@ -159,6 +183,7 @@ class ChannelStats:
                              f"channels, the other holds {other.num_channels}")
         if self._f is None:
             self._allocate(other.num_channels, other.device)
+        self._epoch += 1
         dev = self._f.device
         with torch.inference_mode(False):
             of, od, oi, oh, ohe, och, oche = (getattr(other, n).to(dev) for n in _TENSORS)
@@ -392,11 +417,13 @@ class ChannelStats:
         self.bins, self.channel_bins = bins, cbins
         self._f, self._d, self._i = f.contiguous(), dd.contiguous(), i.contiguous()
         self._h, self._he, self._ch, self._che = hs
+        self._epoch += 1
         return self
 
     def to(self, device):
         """Move the state to ``device``. Returns ``self``."""
         if self._f is not None:
+            self._epoch += 1
             with torch.inference_mode(False):
                 for n in _TENSORS:
                     setattr(self, n, getattr(self, n).to(device))

@@ -36,6 +36,7 @@ struct RowOffsets {
 
   // Offset of row r, dims walked innermost first.
   CALIBFAST_HOST_DEVICE int64_t operator()(int64_t r) const {
+    if (nd == 1) return r * strides[0];  // the common case (2-D inputs): no division
     int64_t off = 0;
     for (int d = nd - 1; d >= 0; --d) {
       const int64_t s = sizes[d];

@@ -32,16 +32,13 @@ def _oracle_hist(x, axis, bins, e, per_channel=False):
     return out
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape,axis,how", LAYOUTS, ids=lambda v: str(v))
-def test_native_histograms_match_reference_and_oracle(device, dtype, shape, axis, how):
+def _check_against_reference_and_oracle(device, dtype, shape, axis, how, bins, channel_bins):
     if not native_on(device):
         pytest.skip(f"no native kernel for {device}")
     x = _view(_special(_make(shape, dtype, device, kind="heavy")), how)
     y = _view(_make(shape, dtype, device, scale=40.0), how)  # grows the ranges
-    a = ChannelStats(axis=axis, bins=64, channel_bins=16)
-    b = ChannelStats(axis=axis, bins=64, channel_bins=16, backend="reference")
+    a = ChannelStats(axis=axis, bins=bins, channel_bins=channel_bins)
+    b = ChannelStats(axis=axis, bins=bins, channel_bins=channel_bins, backend="reference")
     for t in (x, y, x):
         a.update(t)
         b.update(t)
@@ -50,9 +47,16 @@ def test_native_histograms_match_reference_and_oracle(device, dtype, shape, axis
         return
     seen = torch.stack([x, y, x])  # the three updates, channel axis shifted by one
     e = int(a.hist_exp)
-    assert torch.equal(a.hist.cpu(), _oracle_hist(seen, axis % x.dim() + 1, 64, e))
+    assert torch.equal(a.hist.cpu(), _oracle_hist(seen, axis % x.dim() + 1, bins, e))
     ce = a.channel_hist_exp.cpu()
-    assert torch.equal(a.channel_hist.cpu(), _oracle_hist(seen, axis % x.dim() + 1, 16, ce, True))
+    assert torch.equal(a.channel_hist.cpu(), _oracle_hist(seen, axis % x.dim() + 1, channel_bins, ce, True))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,axis,how", LAYOUTS, ids=lambda v: str(v))
+def test_native_histograms_match_reference_and_oracle(device, dtype, shape, axis, how):
+    _check_against_reference_and_oracle(device, dtype, shape, axis, how, 64, 16)
 
 
 def test_range_invariant_and_counts():
@@ -162,3 +166,39 @@ def test_state_dict_round_trip_with_histograms():
     s.update(x)
     t.update(x)
     assert_stats_match(t, s, torch.float32)
+
+
+# 16-bit inputs of at least 2^20 values take the CPU kernel's pattern-table path (|x| bit
+# patterns counted, turned into bins once the call's range is known); smaller ones bin directly.
+LARGE_LAYOUTS = [
+    ((2048, 512), -1, None),
+    ((2, 64, 96, 96), 1, None),  # NCHW conv activation: runs
+    ((2, 64, 96, 96), 1, "channels_last"),
+    ((2048, 512), -1, "rowstep"),
+    ((2080, 512), -1, "t"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,axis,how", LARGE_LAYOUTS, ids=lambda v: str(v))
+def test_large_16bit_histograms_match_reference_and_oracle(device, dtype, shape, axis, how):
+    _check_against_reference_and_oracle(device, dtype, shape, axis, how, 2048, 4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bins", [2, 2048, 1 << 16])
+def test_every_16bit_pattern_is_binned_like_the_reference(device, dtype, bins):
+    """All 65536 bit patterns (subnormals, every exponent, +-0, +-Inf, NaNs), 17 times over: the
+    table path and the direct path agree with the reference bin for bin."""
+    if not native_on(device):
+        pytest.skip(f"no native kernel for {device}")
+    pats = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+    x = pats.repeat(17).reshape(-1, 256).to(device)  # 17 * 2^16 > 2^20 values: table path on the CPU
+    small = pats[::64].reshape(-1, 16).to(device)  # 1024 values: direct path
+    for t in (x, small):
+        a = ChannelStats(bins=bins).update(t)
+        b = ChannelStats(bins=bins, backend="reference").update(t)
+        assert_stats_match(a, b, dtype)
+        assert int(a.hist.sum()) == int(torch.isfinite(t).sum())

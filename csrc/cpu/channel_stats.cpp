@@ -29,21 +29,32 @@ constexpr int64_t kChunk = 64;  // rows (row kernels) or values per lane (run ke
 constexpr int kLanes = 16;      // independent accumulators in the run kernels
 constexpr int kSubHists = 2;    // interleaved copies of the global histogram per thread
 constexpr int64_t kTileC = 128; // channels per tile of the per-channel histogram pass
+// 16-bit inputs (bfloat16, float16) with enough values: the global histogram first counts the
+// 2^15 bit patterns of |x| (bits & 0x7fff: no float math per value, one increment), and the
+// pattern counts become bin counts once per call, after the range is known (so no second pass
+// when the range grows). The bin of a pattern is the bin of its value: the counts are the same
+// as binning each value directly.
+constexpr int64_t kTab = int64_t(1) << 15;
+constexpr int64_t kTableMinValues = int64_t(1) << 20;  // below: bin directly (the table's fixed cost)
 
 // ---- loads: exact conversions to the accumulation type -------------------------------------
 struct LoadF32 {
   using in_t = float;
   using acc_t = float;
+  static constexpr bool kTable = false;
   static inline acc_t load(in_t v) { return v; }
 };
 struct LoadF64 {
   using in_t = double;
   using acc_t = double;
+  static constexpr bool kTable = false;
   static inline acc_t load(in_t v) { return v; }
 };
 struct LoadBF16 {
   using in_t = uint16_t;
   using acc_t = float;
+  static constexpr bool kTable = true;
+  static constexpr uint32_t kFiniteLimit = 0x7f80;  // |x| bit patterns below this are finite
   static inline acc_t load(in_t h) {
     const uint32_t u = static_cast<uint32_t>(h) << 16;
     float f;
@@ -54,6 +65,8 @@ struct LoadBF16 {
 struct LoadF16 {
   using in_t = uint16_t;
   using acc_t = float;
+  static constexpr bool kTable = true;
+  static constexpr uint32_t kFiniteLimit = 0x7c00;
   // Branch-free IEEE half -> float (exact for every input, subnormals, Inf and NaN included).
   static inline acc_t load(in_t h) {
     const uint32_t w = static_cast<uint32_t>(h) << 16;
@@ -101,12 +114,15 @@ struct Slot {
   int64_t C = 0;
   int64_t B = 0;
   acc_t hscale = 0, hlo = 0;
+  bool table = false;       // 16-bit inputs: hsub counts bit patterns ([kSubHists][kTab]) into raw_out
   int32_t* hsub = nullptr;  // [kSubHists][B]
+  int64_t* raw_out = nullptr;  // the call's pattern counts: [kTab]
   int64_t N = 0;
   const acc_t* cscale = nullptr;  // [C]
   const acc_t* clo = nullptr;     // [C]
   int32_t* csub = nullptr;        // [C][N]
-  int32_t* idx = nullptr;         // scratch: max(C, kRunBlock, kChunk * kTileC) bin indices
+  int32_t* idx = nullptr;         // scratch: idx_len = max(C, kRunBlock, kChunk * kTileC) bin indices
+  int64_t idx_len = 0;
   int64_t* pending = nullptr;     // values binned since the last flush
   int64_t* hist_out = nullptr;    // the op's state: [B]
   int64_t* chist_out = nullptr;   // the op's state: [C][N]
@@ -120,12 +136,14 @@ struct Slot {
     if (!(B || N) || *pending == 0) return;
     std::lock_guard<std::mutex> lock(*mu);
     if (B) {
-      for (int64_t i = 0; i < B; ++i) {
+      const int64_t H = table ? kTab : B;
+      int64_t* out = table ? raw_out : hist_out;
+      for (int64_t i = 0; i < H; ++i) {
         int64_t t = 0;
-        for (int k = 0; k < kSubHists; ++k) t += hsub[k * B + i];
-        hist_out[i] += t;
+        for (int k = 0; k < kSubHists; ++k) t += hsub[k * H + i];
+        out[i] += t;
       }
-      std::fill(hsub, hsub + kSubHists * B, 0);
+      std::fill(hsub, hsub + kSubHists * H, 0);
     }
     if (N) {
       for (int64_t i = 0; i < N * C; ++i) chist_out[i] += csub[i];
@@ -244,11 +262,12 @@ struct Slots {
   std::vector<int64_t> pending;
   std::mutex mu;
   int64_t B = 0, N = 0, idx_len = 0;
+  int64_t HB = 0;  // counters per copy of the global histogram: B, or kTab in table mode
   int64_t* hist_out;
   int64_t* chist_out;
 
-  Slots(int64_t C_, int n_, bool stats, bool rows, int64_t B_, int64_t N_, int64_t* hist, int64_t* chist)
-      : C(C_), n(n_), B(B_), N(N_), hist_out(hist), chist_out(chist) {
+  Slots(int64_t C_, int n_, bool stats, bool rows, int64_t B_, bool table, int64_t N_, int64_t* hist, int64_t* chist)
+      : C(C_), n(n_), B(B_), N(N_), HB(table ? kTab : B_), hist_out(hist), chist_out(chist) {
     if (stats) {
       a.resize(3 * C * n);
       d.assign(3 * C * n, 0.0);
@@ -263,9 +282,9 @@ struct Slots {
       if (rows) scratch.resize(6 * C * n);
     }
     if (B || N) {
-      int32_t* counters = zeroed_counters((kSubHists * B + N * C) * n);
+      int32_t* counters = zeroed_counters((kSubHists * HB + N * C) * n);
       hsub = counters;
-      csub = counters + kSubHists * B * n;
+      csub = counters + kSubHists * HB * n;
       idx_len = std::max<int64_t>({C, kRunBlock, kChunk * kTileC});
       idx.resize(idx_len * n);
       pending.assign(n, 0);
@@ -286,10 +305,11 @@ struct Slots {
       s.inf = s.nan + C;
     }
     s.C = C;
-    if (B) s.hsub = hsub + kSubHists * B * t;
+    if (B) s.hsub = hsub + kSubHists * HB * t;
     if (N) s.csub = csub + N * C * t;
     if (B || N) {
       s.idx = idx.data() + idx_len * t;
+      s.idx_len = idx_len;
       s.pending = pending.data() + t;
       s.hist_out = hist_out;
       s.chist_out = chist_out;
@@ -342,7 +362,7 @@ static void run_pass(const at::Tensor& x, const Layout& L, bool stats, const Slo
   const int nthreads = serial ? 1 : std::max(1, at::get_num_threads());
   auto slot_index = [serial]() { return serial ? 0 : at::get_thread_num(); };
   const void* data = x.const_data_ptr();
-  Slots<acc_t> slots(C, nthreads, stats, L.mode != Mode::kRuns, hargs.B, hargs.N, hist, chist);
+  Slots<acc_t> slots(C, nthreads, stats, L.mode != Mode::kRuns, hargs.B, hargs.table, hargs.N, hist, chist);
 
 #if CALIBFAST_X86_VARIANTS
 #define CALIBFAST_ISA_CALL(fn, ...)                          \
@@ -440,25 +460,39 @@ static void update_typed(const at::Tensor& x, const Layout& L, float* fst, doubl
   using acc_t = typename Ld::acc_t;
   const int64_t C = L.channels;
   const acc_t inf = std::numeric_limits<acc_t>::infinity();
-  // Pass 1: statistics, and every value below the current ranges binned.
+  // Pass 1: statistics, and every value below the current ranges binned (nothing is binned
+  // into an empty histogram: its range is known only after this pass). 16-bit inputs with
+  // enough values count bit patterns instead, turned into bins after the pass.
   Slot<acc_t> h1{};
   std::vector<acc_t> cscale, clo;
-  if (B) {
+  std::vector<int64_t> raw;
+  bool table = false;
+  if constexpr (Ld::kTable) table = B && L.rows * C >= kTableMinValues;
+  if (table) {
+    raw.assign(kTab, 0);
     h1.B = B;
-    h1.hscale = hexp[0] == kEmptyExp ? acc_t(0) : bin_scale<acc_t>(B, hexp[0]);
-    h1.hlo = hexp[0] == kEmptyExp ? inf : acc_t(0);
+    h1.table = true;
+    h1.raw_out = raw.data();
+  } else if (B && hexp[0] != kEmptyExp) {
+    h1.B = B;
+    h1.hscale = bin_scale<acc_t>(B, hexp[0]);
+    h1.hlo = acc_t(0);
   }
   if (N) {
-    h1.N = N;
     cscale.resize(C);
     clo.resize(C);
+    bool any = false;
     for (int64_t c = 0; c < C; ++c) {
       const bool empty = chexp[c] == kEmptyExp;
       cscale[c] = empty ? acc_t(0) : bin_scale<acc_t>(N, chexp[c]);
       clo[c] = empty ? inf : acc_t(0);
+      any |= !empty;
     }
-    h1.cscale = cscale.data();
-    h1.clo = clo.data();
+    if (any) {
+      h1.N = N;
+      h1.cscale = cscale.data();
+      h1.clo = clo.data();
+    }
   }
   run_pass<Ld>(x, L, true, h1, fst, dst, ist, hist, chist);
   if (!B && !N) return;
@@ -474,7 +508,21 @@ static void update_typed(const at::Tensor& x, const Layout& L, float* fst, doubl
     if (e_old != kEmptyExp) grow_hist(hist, B, e_old, e_new);
     hexp[0] = e_new;
     hexp[1] = e_old;
-    if (e_new != e_old) {
+    if constexpr (Ld::kTable) {
+      if (table) {
+        // Every finite pattern is below 2^e_new: its bin floor(|x| * B / 2^e_new) is < B (the
+        // product by a power of two is exact, or underflows towards bin 0).
+        const float sc = static_cast<float>(bin_scale<acc_t>(B, e_new));
+        for (uint32_t u = 0; u < Ld::kFiniteLimit; ++u) {
+          const int64_t k = raw[u];
+          if (k == 0) continue;
+          const int64_t b = static_cast<int64_t>(Ld::load(static_cast<uint16_t>(u)) * sc);
+          TORCH_INTERNAL_ASSERT(b >= 0 && b < B, "calibfast: bit pattern ", u, " outside the histogram");
+          hist[b] += k;
+        }
+      }
+    }
+    if (e_new != e_old && !table) {
       again = true;
       h2.B = B;
       h2.hscale = bin_scale<acc_t>(B, e_new);

@@ -24,14 +24,20 @@ static inline void fold_chunk(const Slot<acc_t>& s, int64_t c0, int64_t n, const
                               const acc_t* __restrict__ cmx, const acc_t* __restrict__ camn,
                               const acc_t* __restrict__ csum, const acc_t* __restrict__ csabs,
                               const acc_t* __restrict__ cssq) {
+  // Local restrict pointers (the slot's arrays never alias) so that the loop vectorises.
+  acc_t* __restrict__ mn = s.mn + c0;
+  acc_t* __restrict__ mx = s.mx + c0;
+  acc_t* __restrict__ amn = s.amn + c0;
+  double* __restrict__ sum = s.sum + c0;
+  double* __restrict__ sabs = s.sabs + c0;
+  double* __restrict__ ssq = s.ssq + c0;
   for (int64_t c = 0; c < n; ++c) {
-    const int64_t k = c0 + c;
-    s.mn[k] = cmn[c] < s.mn[k] ? cmn[c] : s.mn[k];
-    s.mx[k] = cmx[c] > s.mx[k] ? cmx[c] : s.mx[k];
-    s.amn[k] = camn[c] < s.amn[k] ? camn[c] : s.amn[k];
-    s.sum[k] += static_cast<double>(csum[c]);
-    s.sabs[k] += static_cast<double>(csabs[c]);
-    s.ssq[k] += static_cast<double>(cssq[c]);
+    mn[c] = cmn[c] < mn[c] ? cmn[c] : mn[c];
+    mx[c] = cmx[c] > mx[c] ? cmx[c] : mx[c];
+    amn[c] = camn[c] < amn[c] ? camn[c] : amn[c];
+    sum[c] += static_cast<double>(csum[c]);
+    sabs[c] += static_cast<double>(csabs[c]);
+    ssq[c] += static_cast<double>(cssq[c]);
   }
 }
 
@@ -105,12 +111,50 @@ static inline void scatter_global(const int32_t* __restrict__ idx, int64_t n, in
   }
 }
 
+// Table mode (16-bit inputs): counts the bit patterns of |x| of n values (stride cs), one
+// increment each, alternating between the kSubHists copies of the pattern table.
+template <bool kUnit>
+static inline void count_patterns(const uint16_t* __restrict__ p, int64_t n, int64_t cs, int32_t* __restrict__ tab) {
+  static_assert(kSubHists == 2, "count_patterns interleaves two copies");
+  int64_t c = 0;
+  for (; c + 2 <= n; c += 2) {
+    const uint32_t u0 = p[kUnit ? c : c * cs] & 0x7fffu;
+    const uint32_t u1 = p[kUnit ? c + 1 : (c + 1) * cs] & 0x7fffu;
+    tab[u0] += 1;
+    tab[kTab + u1] += 1;
+  }
+  if (c < n) tab[p[kUnit ? c : c * cs] & 0x7fffu] += 1;
+}
+
 // Bins one row into the global histogram: channels [c0, c0 + n) at p (stride cs).
 template <class Ld, bool kUnit>
 static inline void hist_row(const typename Ld::in_t* p, int64_t n, int64_t cs, const Slot<typename Ld::acc_t>& s) {
+  if constexpr (Ld::kTable) {
+    if (s.table) {
+      count_patterns<kUnit>(p, n, cs, s.hsub);
+      s.note_binned(n);
+      return;
+    }
+  }
   bin_indices<Ld, kUnit>(p, n, cs, s.hscale, s.hlo, s.B, s.idx);
   scatter_global(s.idx, n, s.B, s.hsub);
   s.note_binned(n);
+}
+
+// Bins R rows (pointers p[0..R)) of n channels into the global histogram. Short rows are binned
+// together (one scatter loop for all of them) so that per-row overheads do not dominate.
+template <class Ld, bool kUnit>
+static inline void hist_rows(const typename Ld::in_t* const* p, int R, int64_t n, int64_t cs,
+                             const Slot<typename Ld::acc_t>& s) {
+  bool batch = n * R <= s.idx_len;
+  if constexpr (Ld::kTable) batch = batch && !s.table;
+  if (!batch) {
+    for (int i = 0; i < R; ++i) hist_row<Ld, kUnit>(p[i], n, cs, s);
+    return;
+  }
+  for (int i = 0; i < R; ++i) bin_indices<Ld, kUnit>(p[i], n, cs, s.hscale, s.hlo, s.B, s.idx + i * n);
+  scatter_global(s.idx, n * R, s.B, s.hsub);
+  s.note_binned(n * R);
 }
 
 // Bins rows [r0, r1) (at most kChunk) x channels [c0, c0 + n) into the per-channel histograms,
@@ -144,8 +188,17 @@ static void channel_hist_rows(const typename Ld::in_t* base, const calibfast::La
 template <class Ld>
 static inline void hist_run(const typename Ld::in_t* p, int64_t n, int64_t k, const Slot<typename Ld::acc_t>& s) {
   if (s.B) {
-    bin_indices<Ld, true>(p, n, 1, s.hscale, s.hlo, s.B, s.idx);
-    scatter_global(s.idx, n, s.B, s.hsub);
+    bool done = false;
+    if constexpr (Ld::kTable) {
+      if (s.table) {
+        count_patterns<true>(p, n, 1, s.hsub);
+        done = true;
+      }
+    }
+    if (!done) {
+      bin_indices<Ld, true>(p, n, 1, s.hscale, s.hlo, s.B, s.idx);
+      scatter_global(s.idx, n, s.B, s.hsub);
+    }
   }
   if (s.N) {
     bin_indices<Ld, true>(p, n, 1, s.cscale[k], s.clo[k], s.N, s.idx);
@@ -242,9 +295,7 @@ static void rows_range(const typename Ld::in_t* base, const calibfast::Layout& L
       for (int i = 0; i < 8; ++i) p[i] = base + L.offsets(r + i) + c0 * cs;
       rows_fast<Ld, 8, kUnit>(p, n, cs, cmn, cmx, camn, csum, csabs, cssq);
       // the 8 rows are still in cache: bin them now (one read of the input from memory)
-      if (s.B) {
-        for (int i = 0; i < 8; ++i) hist_row<Ld, kUnit>(p[i], n, cs, s);
-      }
+      if (s.B) hist_rows<Ld, kUnit>(p, 8, n, cs, s);
     }
     for (; r < re; ++r) {
       p[0] = base + L.offsets(r) + c0 * cs;
@@ -340,7 +391,13 @@ static void rows_hist_range(const typename Ld::in_t* base, const calibfast::Layo
   for (int64_t rc = r0; rc < r1; rc += kChunk) {
     const int64_t re = std::min(r1, rc + kChunk);
     if (s.B) {
-      for (int64_t r = rc; r < re; ++r) hist_row<Ld, kUnit>(base + L.offsets(r) + c0 * cs, n, cs, s);
+      int64_t r = rc;
+      const typename Ld::in_t* p[8];
+      for (; r + 8 <= re; r += 8) {
+        for (int i = 0; i < 8; ++i) p[i] = base + L.offsets(r + i) + c0 * cs;
+        hist_rows<Ld, kUnit>(p, 8, n, cs, s);
+      }
+      for (; r < re; ++r) hist_row<Ld, kUnit>(base + L.offsets(r) + c0 * cs, n, cs, s);
     }
     if (s.N) channel_hist_rows<Ld, kUnit>(base, L, rc, re, c0, n, s);
   }
