@@ -84,6 +84,11 @@ LAYOUTS = [
     ((33, 17), -1, None),
     ((33, 17), 0, None),
     ((64, 256), -1, None),
+    # few channels in contiguous rows: the CPU kernel reads k rows as one (virtual channels), rest after
+    ((4099, 64), -1, None),
+    ((5, 203, 24), -1, None),
+    ((1000, 7), -1, None),
+    ((9000, 1), -1, None),
     ((3, 5, 67), -1, None),
     ((3, 5, 67), 1, None),
     ((3, 5, 67), 0, None),

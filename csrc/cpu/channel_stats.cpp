@@ -551,6 +551,63 @@ static void update_typed(const at::Tensor& x, const Layout& L, float* fst, doubl
   if (again) run_pass<Ld>(x, L, false, h2, fst, dst, ist, hist, chist);
 }
 
+// Few channels in contiguous rows (a [rows, C] block, C small; no per-channel histograms): the
+// row kernel's per-row and per-chunk costs would dominate, so k consecutive rows are read as one
+// row of k * C "virtual" channels (virtual channel j * C + c is channel c), into scratch state
+// that is then folded into the real one; the rows left over go through the ordinary path. The
+// results are the same: min / max / abs-min / the counts / the histogram do not depend on how
+// values are grouped; the sums are grouped differently (float64 beyond each chunk, as always).
+constexpr int64_t kWideRow = 512;  // virtual row length at least (6 x 512 floats of accumulators stay in L1)
+
+template <class Ld>
+static void update_layout(const at::Tensor& x, const Layout& L, float* fst, double* dst, int64_t* ist, int64_t B,
+                          int64_t* hist, int64_t* hexp, int64_t N, int64_t* chist, int64_t* chexp) {
+  const int64_t C = L.channels;
+  const bool contiguous_rows = L.mode == Mode::kRows && L.offsets.nd == 1 && L.offsets.strides[0] == C;
+  const int64_t k = (kWideRow + C - 1) / C;
+  const int64_t R = L.rows / k;
+  if (N != 0 || !contiguous_rows || C >= kWideRow || R < 8) {
+    update_typed<Ld>(x, L, fst, dst, ist, B, hist, hexp, N, chist, chexp);
+    return;
+  }
+  const int64_t W = k * C;
+  Layout V = L;
+  V.channels = W;
+  V.rows = R;
+  V.offsets.sizes[0] = R;
+  V.offsets.strides[0] = W;
+  const float inf = std::numeric_limits<float>::infinity();
+  std::vector<float> vf(3 * W);
+  std::fill(vf.begin(), vf.begin() + W, inf);
+  std::fill(vf.begin() + W, vf.begin() + 2 * W, -inf);
+  std::fill(vf.begin() + 2 * W, vf.end(), inf);
+  std::vector<double> vd(3 * W, 0.0);
+  std::vector<int64_t> vi(3 * W, 0);
+  const int64_t e0 = B ? hexp[0] : 0;
+  update_typed<Ld>(x, V, vf.data(), vd.data(), vi.data(), B, hist, hexp, 0, nullptr, nullptr);
+  for (int64_t j = 0; j < k; ++j) {
+    const int64_t o = j * C;
+    for (int64_t c = 0; c < C; ++c) {
+      fst[c] = std::min(fst[c], vf[o + c]);
+      fst[C + c] = std::max(fst[C + c], vf[W + o + c]);
+      fst[2 * C + c] = std::min(fst[2 * C + c], vf[2 * W + o + c]);
+      dst[c] += vd[o + c];
+      dst[C + c] += vd[W + o + c];
+      dst[2 * C + c] += vd[2 * W + o + c];
+      ist[C + c] += vi[W + o + c];
+      ist[2 * C + c] += vi[2 * W + o + c];
+    }
+  }
+  const int64_t rest = L.rows - R * k;
+  if (rest > 0) {
+    const at::Tensor tail = x.as_strided({rest, C}, {C, 1}, x.storage_offset() + R * k * C);
+    Layout T;
+    TORCH_INTERNAL_ASSERT(analyse_layout(tail, 1, T));
+    update_typed<Ld>(tail, T, fst, dst, ist, B, hist, hexp, 0, nullptr, nullptr);
+  }
+  if (B) hexp[1] = e0;  // the range before this call, as one pass would leave it
+}
+
 void channel_stats_update_cpu(const at::Tensor& x_in, int64_t axis, at::Tensor& fstate, at::Tensor& dstate,
                               at::Tensor& istate, at::Tensor& hist, at::Tensor& hexp, at::Tensor& chist,
                               at::Tensor& chexp) {
@@ -578,7 +635,7 @@ void channel_stats_update_cpu(const at::Tensor& x_in, int64_t axis, at::Tensor& 
   int64_t* ce = N ? chexp.data_ptr<int64_t>() : nullptr;
 #define CALIBFAST_CASE(dtype, Ld)                                       \
   case dtype:                                                           \
-    update_typed<Ld>(x, L, fst, dst, ist, B, hp, he, N, cp, ce);        \
+    update_layout<Ld>(x, L, fst, dst, ist, B, hp, he, N, cp, ce);       \
     break;
   switch (x.scalar_type()) {
     CALIBFAST_CASE(at::kFloat, LoadF32)

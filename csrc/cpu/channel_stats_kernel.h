@@ -143,10 +143,12 @@ static inline void hist_row(const typename Ld::in_t* p, int64_t n, int64_t cs, c
 
 // Bins R rows (pointers p[0..R)) of n channels into the global histogram. Short rows are binned
 // together (one scatter loop for all of them) so that per-row overheads do not dominate.
+// Needs s.idx_len >= 1024.
 template <class Ld, bool kUnit>
 static inline void hist_rows(const typename Ld::in_t* const* p, int R, int64_t n, int64_t cs,
                              const Slot<typename Ld::acc_t>& s) {
-  bool batch = n * R <= s.idx_len;
+  // (at most 1024 indices: a larger batch would push the counters out of L1)
+  bool batch = n * R <= 1024;
   if constexpr (Ld::kTable) batch = batch && !s.table;
   if (!batch) {
     for (int i = 0; i < R; ++i) hist_row<Ld, kUnit>(p[i], n, cs, s);
