@@ -16,7 +16,9 @@ it times one calibration pass (every batch through the model) per arm:
   1. ``plain``        the forward pass, no hooks (and ``noop``, a control: only the two empty
                       timer hooks on every nn.Linear that every hooked arm also carries);
   2. ``calibfast``    ``calibfast.collect(model)`` (per-channel stats + 2048-bin |x| histogram,
-                      the default) and ``calibfast_stats``: ``collect(model, bins=0)``;
+                      the default) and ``calibfast_stats``: ``collect(model, bins=0)``; both
+                      with collect's defaults, so modules fed the same tensor (q/k/v, gate/up)
+                      read it once (``share_inputs=True``) — the peers read it per module;
   3. ``modelopt``     ModelOpt's ``MaxCalibrator(num_bits=8, axis=None)`` +
                       ``HistogramCalibrator(num_bits=8, axis=None, unsigned=True, num_bins=2048)``
                       ``.collect(x)`` in a forward pre-hook on every nn.Linear (what ModelOpt's
@@ -79,11 +81,13 @@ ARMS = {
     "noop": "no-op hooks only (control: the timer's two empty hooks per Linear)",
     "calibfast": "calibfast collect(model): stats + 2048-bin histogram",
     "calibfast_stats": "calibfast collect(model, bins=0): stats only",
+    "calibfast_noshare": "calibfast collect(model, share_inputs=False): every module reads its input",
     "modelopt": "ModelOpt MaxCalibrator + HistogramCalibrator(2048) .collect",
     "torch_ao": "torch.ao HistogramObserver()",
     "smoothquant": "SmoothQuant act scales (abs().amax(0), torch.maximum)",
 }
 SHORT = {"plain": "plain", "noop": "no-op hooks", "calibfast": "calibfast", "calibfast_stats": "calibfast bins=0",
+         "calibfast_noshare": "calibfast unshared",
          "modelopt": "ModelOpt", "torch_ao": "torch.ao", "smoothquant": "SmoothQuant"}
 # The calibfast arm doing (at least) the same work as each peer: the peers' "x calibfast" ratios.
 BASELINE = {"modelopt": "calibfast", "torch_ao": "calibfast", "smoothquant": "calibfast_stats"}
@@ -247,10 +251,11 @@ def arm_context(arm, model, device):
         yield None, [], False
     elif arm == "noop":
         yield None, [m for _, m in _linears(model)], False
-    elif arm in ("calibfast", "calibfast_stats"):
+    elif arm in ("calibfast", "calibfast_stats", "calibfast_noshare"):
         import calibfast
 
-        with calibfast.collect(model, bins=2048 if arm == "calibfast" else 0) as col:
+        with calibfast.collect(model, bins=0 if arm == "calibfast_stats" else 2048,
+                               share_inputs=arm != "calibfast_noshare") as col:
             names = set(col.inputs)
             yield col, [m for n, m in model.named_modules() if n in names], False
     elif arm == "modelopt":

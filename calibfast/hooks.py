@@ -130,10 +130,8 @@ class Collector:
 
 
 def _version_of(t):
-    try:
-        return t._version
-    except RuntimeError:  # inference tensors keep no version counter
-        return None
+    # inference tensors keep no version counter (asking raises, and a torch error costs ~0.1 ms)
+    return None if t.is_inference() else t._version
 
 
 class _SharedInputs:
