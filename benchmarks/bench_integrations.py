@@ -48,16 +48,8 @@ from torch.ao.quantization.quantize_fx import prepare_fx  # noqa: E402
 import calibfast  # noqa: E402
 from calibfast.integrations import torch_ao as cf  # noqa: E402
 
-
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_ranges import _cpu_name  # noqa: E402  (the benchmarks' machine line)
 
 
 def make_model(layers, width):
