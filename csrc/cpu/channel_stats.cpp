@@ -121,8 +121,7 @@ struct Slot {
   const acc_t* cscale = nullptr;  // [C]
   const acc_t* clo = nullptr;     // [C]
   int32_t* csub = nullptr;        // [C][N]
-  int32_t* idx = nullptr;         // scratch: idx_len = max(C, kRunBlock, kChunk * kTileC) bin indices
-  int64_t idx_len = 0;
+  int32_t* idx = nullptr;         // scratch: max(C, kRunBlock, kChunk * kTileC) bin indices
   int64_t* pending = nullptr;     // values binned since the last flush
   int64_t* hist_out = nullptr;    // the op's state: [B]
   int64_t* chist_out = nullptr;   // the op's state: [C][N]
@@ -309,7 +308,6 @@ struct Slots {
     if (N) s.csub = csub + N * C * t;
     if (B || N) {
       s.idx = idx.data() + idx_len * t;
-      s.idx_len = idx_len;
       s.pending = pending.data() + t;
       s.hist_out = hist_out;
       s.chist_out = chist_out;

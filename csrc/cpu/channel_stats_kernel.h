@@ -143,7 +143,7 @@ static inline void hist_row(const typename Ld::in_t* p, int64_t n, int64_t cs, c
 
 // Bins R rows (pointers p[0..R)) of n channels into the global histogram. Short rows are binned
 // together (one scatter loop for all of them) so that per-row overheads do not dominate.
-// Needs s.idx_len >= 1024.
+// The scratch s.idx holds at least kChunk * kTileC = 8192 indices.
 template <class Ld, bool kUnit>
 static inline void hist_rows(const typename Ld::in_t* const* p, int R, int64_t n, int64_t cs,
                              const Slot<typename Ld::acc_t>& s) {
