@@ -37,8 +37,8 @@ act scales, calibfast's overall abs-max equals ModelOpt's amax and torch.ao's mi
 broken arm exits non-zero instead of producing a table.
 
 Besides the total time of a pass, the time spent inside each arm's hooks is measured directly
-(a hook put before and one after the arm's hooks on every hooked module, like calibfast's
-``_HookTimer``), which is far steadier than the difference of two noisy totals on a busy
+(a hook put before and one after the arm's hooks on every hooked module: calibfast's
+``calibfast.hooks._HookTimer``), which is far steadier than the difference of two noisy totals on a busy
 machine. On CUDA that is host time only.
 
 A scaling table follows: ``ChannelStats.update`` (stats + 2048-bin histogram, and stats only)
@@ -312,40 +312,12 @@ def arm_context(arm, model, device):
         raise ValueError(f"unknown arm {arm!r}")
 
 
-class HookTimer:
-    """Times the hooks of one arm directly: a hook put before every hooked module's hooks and one
-    after them (hooks run in registration order) accumulate the time in between (host time)."""
-
-    def __init__(self, modules, pre):
-        self.modules, self.pre = modules, pre
-        self.seconds = 0.0
-        self._t0 = 0.0
-        self._handles = []
-
-    def _start(self, *a):
-        self._t0 = time.perf_counter()
-
-    def _stop(self, *a):
-        self.seconds += time.perf_counter() - self._t0
-
-    def __enter__(self):
-        for m in self.modules:
-            reg = m.register_forward_pre_hook if self.pre else m.register_forward_hook
-            self._handles.append(reg(self._start, prepend=True))
-            self._handles.append(reg(self._stop))
-        return self
-
-    def __exit__(self, *exc):
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        return False
-
-
 def run_pass(arm, model, batches, call, device):
     """One calibration pass of ``arm`` from fresh state: (seconds, seconds in hooks, state,
     number of hooked modules)."""
-    with arm_context(arm, model, device) as (state, mods, pre), HookTimer(mods, pre) as timer:
+    from calibfast.hooks import _HookTimer
+
+    with arm_context(arm, model, device) as (state, mods, pre), _HookTimer(mods, pre) as timer:
         _sync(device)
         t0 = time.perf_counter()
         for b in batches:

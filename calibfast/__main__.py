@@ -60,37 +60,6 @@ def _timed_pass(model, batches, device, desc, show):
     return time.perf_counter() - t0
 
 
-class _HookTimer:
-    """Times calibfast's own forward hooks: a hook put in front of every hooked module's hooks
-    and one after them (forward hooks run in registration order) measure the time in between."""
-
-    def __init__(self, model, col):
-        self.model = model
-        self.names = set(col.inputs) | set(col.outputs)
-        self.seconds = 0.0
-        self._t0 = 0.0
-        self._handles = []
-
-    def _start(self, module, args, output):
-        self._t0 = time.perf_counter()
-
-    def _stop(self, module, args, output):
-        self.seconds += time.perf_counter() - self._t0
-
-    def __enter__(self):
-        for name, mod in self.model.named_modules():
-            if name in self.names:
-                self._handles.append(mod.register_forward_hook(self._start, prepend=True))
-                self._handles.append(mod.register_forward_hook(self._stop))
-        return self
-
-    def __exit__(self, *exc):
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        return False
-
-
 def _fmt(v):
     if v is None:
         return "-"
@@ -167,6 +136,7 @@ def run_default(args, parser=None):
     import torch
 
     import calibfast
+    from .hooks import _HookTimer
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -205,7 +175,8 @@ def run_default(args, parser=None):
         _sync(device)
         t_plain = _timed_pass(model, batches, device, "forward, no hooks", show)
         with calibfast.collect(model, capture=args.capture, backend=backend) as col:
-            with _HookTimer(model, col) as hook_time:
+            names = set(col.inputs) | set(col.outputs)
+            with _HookTimer([m for n, m in model.named_modules() if n in names]) as hook_time:
                 t_hooked = _timed_pass(model, batches, device, "forward + stats", show)
 
     sides = [("inputs", col.inputs), ("outputs", col.outputs)]

@@ -1,9 +1,10 @@
 """Collect per-channel statistics inside a model's forward pass with forward hooks."""
 
 import contextlib
-import itertools
-import weakref
 import inspect
+import itertools
+import time
+import weakref
 
 import torch
 from torch import nn
@@ -193,6 +194,37 @@ class _SharedInputs:
                 new = self._next[tok][lin] = next(self._ids)
             self._holder[tok][new] = s
         self._state[id(s)] = (new, s._epoch)
+
+
+class _HookTimer:
+    """Times the hooks of the given modules: a hook put before every module's hooks and one after
+    them (hooks run in registration order) accumulate the host time in between. ``pre`` times
+    forward pre-hooks instead of forward hooks."""
+
+    def __init__(self, modules, pre=False):
+        self.modules, self.pre = list(modules), pre
+        self.seconds = 0.0
+        self._t0 = 0.0
+        self._handles = []
+
+    def _start(self, *a):
+        self._t0 = time.perf_counter()
+
+    def _stop(self, *a):
+        self.seconds += time.perf_counter() - self._t0
+
+    def __enter__(self):
+        for m in self.modules:
+            reg = m.register_forward_pre_hook if self.pre else m.register_forward_hook
+            self._handles.append(reg(self._start, prepend=True))
+            self._handles.append(reg(self._stop))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        return False
 
 
 class InputHessian:

@@ -431,11 +431,7 @@ class ChannelStats:
 
     def clone(self):
         c = ChannelStats(self.axis, bins=self.bins, channel_bins=self.channel_bins, backend=self.backend)
-        if self._f is not None:
-            with torch.inference_mode(False):
-                for n in _TENSORS:
-                    setattr(c, n, getattr(self, n).clone())
-        return c
+        return c._copy_state_from(self)
 
     def __repr__(self):
         if self._f is None:

@@ -126,24 +126,30 @@ class MovingAverageMinMaxObserver(_ao.MovingAverageMinMaxObserver):
         return x_orig
 
 
+def _fold_per_channel(obs, x_orig, combine):
+    """Folds one tensor's per-channel min/max into ``obs.min_val``/``max_val`` (taken as they are
+    when the buffers are still empty, else ``combine(cur_min, cur_max, old_min, old_max)``)."""
+    mn_cur, mx_cur = _batch_minmax(x_orig.detach(), obs.ch_axis)
+    mn_cur, mx_cur = mn_cur.to(obs.min_val.device), mx_cur.to(obs.max_val.device)
+    if obs.min_val.numel() == 0 or obs.max_val.numel() == 0:
+        min_val, max_val = mn_cur, mx_cur
+    else:
+        min_val, max_val = combine(mn_cur, mx_cur, obs.min_val, obs.max_val)
+    obs.min_val.resize_(min_val.shape)
+    obs.max_val.resize_(max_val.shape)
+    obs.min_val.copy_(min_val)
+    obs.max_val.copy_(max_val)
+    return x_orig
+
+
 class PerChannelMinMaxObserver(_ao.PerChannelMinMaxObserver):
     """torch.ao's ``PerChannelMinMaxObserver`` (``ch_axis``), min/max per channel from calibfast."""
 
     def _forward(self, x_orig):
         if not _handled(x_orig):
             return super()._forward(x_orig)
-        mn_cur, mx_cur = _batch_minmax(x_orig.detach(), self.ch_axis)
-        mn_cur, mx_cur = mn_cur.to(self.min_val.device), mx_cur.to(self.max_val.device)
-        if self.min_val.numel() == 0 or self.max_val.numel() == 0:
-            min_val, max_val = mn_cur, mx_cur
-        else:
-            min_val = torch.min(mn_cur, self.min_val)
-            max_val = torch.max(mx_cur, self.max_val)
-        self.min_val.resize_(min_val.shape)
-        self.max_val.resize_(max_val.shape)
-        self.min_val.copy_(min_val)
-        self.max_val.copy_(max_val)
-        return x_orig
+        return _fold_per_channel(self, x_orig, lambda mn, mx, old_mn, old_mx: (torch.min(mn, old_mn),
+                                                                             torch.max(mx, old_mx)))
 
 
 class MovingAveragePerChannelMinMaxObserver(_ao.MovingAveragePerChannelMinMaxObserver):
@@ -152,19 +158,9 @@ class MovingAveragePerChannelMinMaxObserver(_ao.MovingAveragePerChannelMinMaxObs
     def forward(self, x_orig):
         if not _handled(x_orig):
             return super().forward(x_orig)
-        mn_cur, mx_cur = _batch_minmax(x_orig.detach(), self.ch_axis)
-        mn_cur, mx_cur = mn_cur.to(self.min_val.device), mx_cur.to(self.max_val.device)
-        min_val, max_val = self.min_val, self.max_val
-        if min_val.numel() == 0 or max_val.numel() == 0:
-            min_val, max_val = mn_cur, mx_cur
-        else:
-            min_val = min_val + self.averaging_constant * (mn_cur - min_val)
-            max_val = max_val + self.averaging_constant * (mx_cur - max_val)
-        self.min_val.resize_(min_val.shape)
-        self.max_val.resize_(max_val.shape)
-        self.min_val.copy_(min_val)
-        self.max_val.copy_(max_val)
-        return x_orig
+        c = self.averaging_constant
+        return _fold_per_channel(self, x_orig, lambda mn, mx, old_mn, old_mx: (old_mn + c * (mn - old_mn),
+                                                                             old_mx + c * (mx - old_mx)))
 
 
 # steps over [0, amax] of each calibfast search format

@@ -245,6 +245,27 @@ static int32_t* zeroed_counters(int64_t n) {
   return cache.buf.data();
 }
 
+// Folds partial state of C channels (min, max, abs-min; sum, sum |x|, sum x^2; NaN and Inf counts)
+// into the op's state ([3][C] each; the value counts, row 0 of ist, are the caller's).
+template <typename acc_t>
+static void fold_state(int64_t C, const acc_t* mn, const acc_t* mx, const acc_t* amn, const double* sum,
+                       const double* sabs, const double* ssq, const int64_t* nan, const int64_t* inf, float* fst,
+                       double* dst, int64_t* ist) {
+  for (int64_t c = 0; c < C; ++c) {
+    const float fmn = static_cast<float>(mn[c]);
+    const float fmx = static_cast<float>(mx[c]);
+    const float famn = static_cast<float>(amn[c]);
+    fst[c] = fmn < fst[c] ? fmn : fst[c];
+    fst[C + c] = fmx > fst[C + c] ? fmx : fst[C + c];
+    fst[2 * C + c] = famn < fst[2 * C + c] ? famn : fst[2 * C + c];
+    dst[c] += sum[c];
+    dst[C + c] += sabs[c];
+    dst[2 * C + c] += ssq[c];
+    ist[C + c] += nan[c];
+    ist[2 * C + c] += inf[c];
+  }
+}
+
 // Per-thread slots of per-channel accumulators and private histograms, merged into the op's
 // state at the end. Sized once per call; only what the call uses is allocated.
 template <typename acc_t>
@@ -321,23 +342,9 @@ struct Slots {
   void merge_stats(float* fst, double* dst, int64_t* ist) {
     for (int t = 0; t < n; ++t) {
       const acc_t* mn = a.data() + 3 * C * t;
-      const acc_t* mx = mn + C;
-      const acc_t* amn = mx + C;
       const double* sm = d.data() + 3 * C * t;
       const int64_t* kk = k.data() + 2 * C * t;
-      for (int64_t c = 0; c < C; ++c) {
-        const float fmn = static_cast<float>(mn[c]);
-        const float fmx = static_cast<float>(mx[c]);
-        const float famn = static_cast<float>(amn[c]);
-        fst[c] = fmn < fst[c] ? fmn : fst[c];
-        fst[C + c] = fmx > fst[C + c] ? fmx : fst[C + c];
-        fst[2 * C + c] = famn < fst[2 * C + c] ? famn : fst[2 * C + c];
-        dst[c] += sm[c];
-        dst[C + c] += sm[C + c];
-        dst[2 * C + c] += sm[2 * C + c];
-        ist[C + c] += kk[c];
-        ist[2 * C + c] += kk[C + c];
-      }
+      fold_state(C, mn, mn + C, mn + 2 * C, sm, sm + C, sm + 2 * C, kk, kk + C, fst, dst, ist);
     }
   }
 
@@ -583,18 +590,11 @@ static void update_layout(const at::Tensor& x, const Layout& L, float* fst, doub
   std::vector<int64_t> vi(3 * W, 0);
   const int64_t e0 = B ? hexp[0] : 0;
   update_typed<Ld>(x, V, vf.data(), vd.data(), vi.data(), B, hist, hexp, 0, nullptr, nullptr);
-  for (int64_t j = 0; j < k; ++j) {
-    const int64_t o = j * C;
-    for (int64_t c = 0; c < C; ++c) {
-      fst[c] = std::min(fst[c], vf[o + c]);
-      fst[C + c] = std::max(fst[C + c], vf[W + o + c]);
-      fst[2 * C + c] = std::min(fst[2 * C + c], vf[2 * W + o + c]);
-      dst[c] += vd[o + c];
-      dst[C + c] += vd[W + o + c];
-      dst[2 * C + c] += vd[2 * W + o + c];
-      ist[C + c] += vi[W + o + c];
-      ist[2 * C + c] += vi[2 * W + o + c];
-    }
+  for (int64_t o = 0; o < W; o += C) {
+    const float* f = vf.data() + o;
+    const double* d = vd.data() + o;
+    const int64_t* i = vi.data() + o;
+    fold_state(C, f, f + W, f + 2 * W, d, d + W, d + 2 * W, i + W, i + 2 * W, fst, dst, ist);
   }
   const int64_t rest = L.rows - R * k;
   if (rest > 0) {
