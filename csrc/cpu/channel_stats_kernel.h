@@ -19,18 +19,15 @@
 
 // Expects channel_stats.cpp to have defined before it: kChunk, kLanes, the Load* structs, Slot.
 
+// Folds the chunk accumulators of n channels into running state. A function of its own with
+// restrict parameters: written inline on the slot's members, GCC 12 did not vectorise the loop
+// ("no vectype"), and this scalar fold took a sixth of the time of the statistics for C = 384.
 template <typename acc_t>
-static inline void fold_chunk(const Slot<acc_t>& s, int64_t c0, int64_t n, const acc_t* __restrict__ cmn,
-                              const acc_t* __restrict__ cmx, const acc_t* __restrict__ camn,
-                              const acc_t* __restrict__ csum, const acc_t* __restrict__ csabs,
-                              const acc_t* __restrict__ cssq) {
-  // Local restrict pointers (the slot's arrays never alias) so that the loop vectorises.
-  acc_t* __restrict__ mn = s.mn + c0;
-  acc_t* __restrict__ mx = s.mx + c0;
-  acc_t* __restrict__ amn = s.amn + c0;
-  double* __restrict__ sum = s.sum + c0;
-  double* __restrict__ sabs = s.sabs + c0;
-  double* __restrict__ ssq = s.ssq + c0;
+static inline void fold_arrays(int64_t n, acc_t* __restrict__ mn, acc_t* __restrict__ mx, acc_t* __restrict__ amn,
+                               double* __restrict__ sum, double* __restrict__ sabs, double* __restrict__ ssq,
+                               const acc_t* __restrict__ cmn, const acc_t* __restrict__ cmx,
+                               const acc_t* __restrict__ camn, const acc_t* __restrict__ csum,
+                               const acc_t* __restrict__ csabs, const acc_t* __restrict__ cssq) {
   for (int64_t c = 0; c < n; ++c) {
     mn[c] = cmn[c] < mn[c] ? cmn[c] : mn[c];
     mx[c] = cmx[c] > mx[c] ? cmx[c] : mx[c];
@@ -39,6 +36,13 @@ static inline void fold_chunk(const Slot<acc_t>& s, int64_t c0, int64_t n, const
     sabs[c] += static_cast<double>(csabs[c]);
     ssq[c] += static_cast<double>(cssq[c]);
   }
+}
+
+template <typename acc_t>
+static inline void fold_chunk(const Slot<acc_t>& s, int64_t c0, int64_t n, const acc_t* cmn, const acc_t* cmx,
+                              const acc_t* camn, const acc_t* csum, const acc_t* csabs, const acc_t* cssq) {
+  fold_arrays(n, s.mn + c0, s.mx + c0, s.amn + c0, s.sum + c0, s.sabs + c0, s.ssq + c0, cmn, cmx, camn, csum, csabs,
+              cssq);
 }
 
 template <typename acc_t>
@@ -112,11 +116,23 @@ static inline void scatter_global(const int32_t* __restrict__ idx, int64_t n, in
 }
 
 // Table mode (16-bit inputs): counts the bit patterns of |x| of n values (stride cs), one
-// increment each, alternating between the kSubHists copies of the pattern table.
+// increment each, alternating between the kSubHists copies of the pattern table. Contiguous
+// values are read four at a time (one 64-bit load, shifts for the rest: fewer loads competing
+// with the counters' loads and stores).
 template <bool kUnit>
 static inline void count_patterns(const uint16_t* __restrict__ p, int64_t n, int64_t cs, int32_t* __restrict__ tab) {
   static_assert(kSubHists == 2, "count_patterns interleaves two copies");
   int64_t c = 0;
+  if constexpr (kUnit && std::endian::native == std::endian::little) {
+    for (; c + 4 <= n; c += 4) {
+      uint64_t w;
+      std::memcpy(&w, p + c, sizeof(w));  // little-endian: value c in the low 16 bits
+      tab[w & 0x7fffu] += 1;
+      tab[kTab + ((w >> 16) & 0x7fffu)] += 1;
+      tab[(w >> 32) & 0x7fffu] += 1;
+      tab[kTab + ((w >> 48) & 0x7fffu)] += 1;
+    }
+  }
   for (; c + 2 <= n; c += 2) {
     const uint32_t u0 = p[kUnit ? c : c * cs] & 0x7fffu;
     const uint32_t u1 = p[kUnit ? c + 1 : (c + 1) * cs] & 0x7fffu;
