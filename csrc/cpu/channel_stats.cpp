@@ -36,6 +36,9 @@ constexpr int64_t kTileC = 128; // channels per tile of the per-channel histogra
 // when the range grows). The bin of a pattern is the bin of its value: the counts are the same
 // as binning each value directly.
 constexpr int64_t kTab = int64_t(1) << 15;
+// int64 per 64-byte cache line: per-thread counters written while the other threads run are
+// kept this far apart (two threads' counters in one line cost a line transfer per write).
+constexpr int64_t kLine = 8;
 constexpr int64_t kTableMinValues = int64_t(1) << 20;  // below: bin directly (the table's fixed cost)
 
 // ---- loads: exact conversions to the accumulation type -------------------------------------
@@ -280,7 +283,7 @@ struct Slots {
   int32_t* hsub = nullptr;     // [n][kSubHists][B]: global histogram counters  } in the
   int32_t* csub = nullptr;     // [n][C][N]: per-channel histogram counters     } counter cache
   std::vector<int32_t> idx;    // [n][max(C, kRunBlock, kChunk * kTileC)]: bin indices
-  std::vector<int64_t> pending;
+  std::vector<int64_t> pending;  // [n][kLine]: one cache line per thread (no false sharing)
   std::mutex mu;
   int64_t B = 0, N = 0, idx_len = 0;
   int64_t HB = 0;  // counters per copy of the global histogram: B, or kTab in table mode
@@ -308,7 +311,7 @@ struct Slots {
       csub = counters + kSubHists * HB * n;
       idx_len = std::max<int64_t>({C, kRunBlock, kChunk * kTileC});
       idx.resize(idx_len * n);
-      pending.assign(n, 0);
+      pending.assign(n * kLine, 0);
     }
   }
 
@@ -330,7 +333,7 @@ struct Slots {
     if (N) s.csub = csub + N * C * t;
     if (B || N) {
       s.idx = idx.data() + idx_len * t;
-      s.pending = pending.data() + t;
+      s.pending = pending.data() + kLine * t;
       s.hist_out = hist_out;
       s.chist_out = chist_out;
       s.mu = &mu;
