@@ -100,6 +100,64 @@ def test_growth_by_many_octaves_in_one_batch(device):
     assert torch.equal(s.hist, ChannelStats(bins=32).update(torch.cat([y, x])).hist)
 
 
+# Inputs large enough for several threads (> 2^16 values), whose |x| grows along the rows: the
+# CPU kernel bins the global histogram in one pass, each thread widening its own range as larger
+# values arrive (merging its bins) and the threads' counts merged at the end, so threads finish
+# at different ranges. The counts must still be those of the final range, bit for bit.
+GROWTH_LAYOUTS = [
+    ((4096, 96), -1, None),         # few channels: virtual rows
+    ((1536, 700), -1, None),        # row kernel
+    ((1536, 700), -1, "step2"),     # strided channels
+    ((96, 4096), 0, None),          # channel axis first: contiguous runs
+    ((6, 96, 33, 40), 1, None),     # N x C x H x W
+]
+
+
+def _growing(shape, axis, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64)
+    # the magnitude grows along the first non-channel dimension, over ~40 octaves, from zeros
+    d = 1 if axis % len(shape) == 0 else 0
+    ramp = torch.exp2(torch.linspace(-20.0, 20.0, shape[d], dtype=torch.float64))
+    ramp[: max(1, shape[d] // 16)] = 0.0
+    view = [1] * len(shape)
+    view[d] = shape[d]
+    return (x * ramp.view(view)).to(dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,axis,how", GROWTH_LAYOUTS, ids=lambda v: str(v))
+def test_range_growing_inside_one_update_is_exact(device, dtype, shape, axis, how):
+    if not native_on(device):
+        pytest.skip(f"no native kernel for {device}")
+    x = _special(_growing(shape, axis, dtype, 1)).to(device)
+    x = _view(x, how)
+    y = _view(_growing(shape, axis, dtype, 2).flip(1 if axis % len(shape) == 0 else 0).to(device), how)
+    for bins in (2048, 64):
+        a = ChannelStats(axis=axis, bins=bins)
+        b = ChannelStats(axis=axis, bins=bins, backend="reference")
+        seen = []
+        for t in (x, y * 3):  # the second one grows a non-empty histogram
+            a.update(t)
+            b.update(t)
+            seen.append(t)
+            assert torch.equal(a.hist.cpu(), b.hist.cpu()) and torch.equal(a.hist_exp.cpu(), b.hist_exp.cpu())
+            oracle = _oracle_hist(torch.stack(seen), axis % x.dim() + 1, bins, int(a.hist_exp))
+            assert torch.equal(a.hist.cpu(), oracle)
+            assert int(oracle.sum()) > 0.5 * t.numel() * len(seen)  # (float16: |x| > 65504 is Inf)
+
+
+def test_float64_values_just_below_a_power_of_two_follow_the_float32_range():
+    # 1 - 2^-40 rounds to 1.0 in float32 (the state's amax): the range is [0, 2), not [0, 1)
+    x = torch.full((70000, 3), 1.0 - 2.0 ** -40, dtype=torch.float64)
+    x[:100] = 0.25
+    a = ChannelStats(bins=16).update(x)
+    b = ChannelStats(bins=16, backend="reference").update(x)
+    assert int(a.hist_exp) == 1 and torch.equal(a.hist, b.hist)
+    assert int(a.hist[7]) == 3 * (70000 - 100) and int(a.hist[2]) == 300
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_counts_do_not_depend_on_batching_or_order(data):
