@@ -113,13 +113,16 @@ GROWTH_LAYOUTS = [
 ]
 
 
-def _growing(shape, axis, dtype, seed):
+def _growing(shape, axis, dtype, seed, zeros_first=True):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(*shape, generator=g, dtype=torch.float64)
-    # the magnitude grows along the first non-channel dimension, over ~40 octaves, from zeros
+    # the magnitude grows along the first non-channel dimension, over ~40 octaves (from zeros):
+    # the first rows, which the CPU kernel samples for an empty histogram's provisional range,
+    # say little about the rest
     d = 1 if axis % len(shape) == 0 else 0
     ramp = torch.exp2(torch.linspace(-20.0, 20.0, shape[d], dtype=torch.float64))
-    ramp[: max(1, shape[d] // 16)] = 0.0
+    if zeros_first:
+        ramp[: max(1, shape[d] // 16)] = 0.0
     view = [1] * len(shape)
     view[d] = shape[d]
     return (x * ramp.view(view)).to(dtype)
@@ -146,6 +149,26 @@ def test_range_growing_inside_one_update_is_exact(device, dtype, shape, axis, ho
             oracle = _oracle_hist(torch.stack(seen), axis % x.dim() + 1, bins, int(a.hist_exp))
             assert torch.equal(a.hist.cpu(), oracle)
             assert int(oracle.sum()) > 0.5 * t.numel() * len(seen)  # (float16: |x| > 65504 is Inf)
+        # an empty histogram whose sampled rows are small but not zero
+        z = _view(_growing(shape, axis, dtype, 3, zeros_first=False).to(device), how)
+        a = ChannelStats(axis=axis, bins=bins).update(z)
+        b = ChannelStats(axis=axis, bins=bins, backend="reference").update(z)
+        assert torch.equal(a.hist.cpu(), b.hist.cpu()) and torch.equal(a.hist_exp.cpu(), b.hist_exp.cpu())
+        assert torch.equal(a.hist.cpu(), _oracle_hist(z.unsqueeze(0), axis % x.dim() + 1, bins, int(a.hist_exp)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_first_update_with_outliers_outside_the_sampled_rows(dtype):
+    # 70000 x 4: the first rows (the sample) are in [0, 1); one value far out late in the tensor
+    x = (torch.rand(70000, 4, dtype=torch.float64) * 0.99)
+    x[-5, 2] = -1000.0
+    x[-3, 1] = float("nan")
+    x = x.to(dtype)
+    a = ChannelStats(bins=2048).update(x)
+    b = ChannelStats(bins=2048, backend="reference").update(x)
+    assert int(a.hist_exp) == 10 and torch.equal(a.hist, b.hist)
+    assert int(a.hist.sum()) == x.numel() - 1 and int(a.hist[2000]) == 1  # bins of 1024 / 2048
+    assert torch.equal(a.hist, _oracle_hist(x.unsqueeze(0), 2, 2048, 10))
 
 
 def test_float64_values_just_below_a_power_of_two_follow_the_float32_range():

@@ -463,6 +463,42 @@ static acc_t lower_bound_for(int64_t e) {
   return e == kEmptyExp ? acc_t(0) : static_cast<acc_t>(std::ldexp(1.0, static_cast<int>(e)));
 }
 
+// The largest finite |x| of the first k rows (kRows / kStrided layouts); -1 when there is none.
+// Lane arrays so that it vectorises (this is compiled for the baseline ISA: it reads ~1/64 of
+// the input, once per empty histogram).
+template <class Ld>
+static typename Ld::acc_t sample_absmax(const at::Tensor& x, const Layout& L, int64_t k) {
+  using acc_t = typename Ld::acc_t;
+  using in_t = typename Ld::in_t;
+  const in_t* base = static_cast<const in_t*>(x.const_data_ptr());
+  const acc_t inf = std::numeric_limits<acc_t>::infinity();
+  const int64_t C = L.channels;
+  const int64_t cs = L.channel_stride;
+  acc_t l[kLanes];
+  for (int j = 0; j < kLanes; ++j) l[j] = -1;
+  for (int64_t r = 0; r < k; ++r) {
+    const in_t* __restrict__ p = base + L.offsets(r);
+    int64_t c = 0;
+    if (cs == 1) {
+      for (; c + kLanes <= C; c += kLanes) {
+        for (int j = 0; j < kLanes; ++j) {
+          acc_t a = std::fabs(Ld::load(p[c + j]));
+          a = a < inf ? a : acc_t(-1);  // NaN and Inf: not in any range
+          l[j] = a > l[j] ? a : l[j];
+        }
+      }
+    }
+    for (; c < C; ++c) {
+      acc_t a = std::fabs(Ld::load(p[c * cs]));
+      a = a < inf ? a : acc_t(-1);
+      l[0] = a > l[0] ? a : l[0];
+    }
+  }
+  acc_t m = l[0];
+  for (int j = 1; j < kLanes; ++j) m = l[j] > m ? l[j] : m;
+  return m;
+}
+
 template <class Ld>
 static void update_typed(const at::Tensor& x, const Layout& L, float* fst, double* dst, int64_t* ist, int64_t B,
                          int64_t* hist, int64_t* hexp, int64_t N, int64_t* chist, int64_t* chexp) {
@@ -477,14 +513,24 @@ static void update_typed(const at::Tensor& x, const Layout& L, float* fst, doubl
   std::vector<int64_t> raw;
   bool table = false;
   if constexpr (Ld::kTable) table = B && L.rows * C >= kTableMinValues;
+  // The range pass 1 bins the global histogram with: the current one, or for an empty histogram
+  // a provisional one from a sample (the first 1/64 of the rows): the largest finite |x| there
+  // cannot exceed the whole input's, so the final range is as wide or wider and the counts grow
+  // into it exactly; pass 2 then bins only what lay beyond the sample's range (usually nothing:
+  // one octave is wide, and outlier channels are in every row).
+  int64_t e_start = B ? hexp[0] : kEmptyExp;
+  if (B && !table && e_start == kEmptyExp && L.mode != Mode::kRuns) {
+    const acc_t m = sample_absmax<Ld>(x, L, std::min(L.rows, std::max<int64_t>(8, L.rows / 64)));
+    if (m >= 0) e_start = exponent_for(static_cast<float>(m));
+  }
   if (table) {
     raw.assign(kTab, 0);
     h1.B = B;
     h1.table = true;
     h1.raw_out = raw.data();
-  } else if (B && hexp[0] != kEmptyExp) {
+  } else if (B && e_start != kEmptyExp) {
     h1.B = B;
-    h1.hscale = bin_scale<acc_t>(B, hexp[0]);
+    h1.hscale = bin_scale<acc_t>(B, e_start);
     h1.hlo = acc_t(0);
   }
   if (N) {
@@ -514,7 +560,8 @@ static void update_typed(const at::Tensor& x, const Layout& L, float* fst, doubl
     for (int64_t c = 0; c < C; ++c) amax = std::max(amax, std::max(fst[C + c], -fst[c]));
     const int64_t e_old = hexp[0];
     const int64_t e_new = std::max(e_old, exponent_for(amax));
-    if (e_old != kEmptyExp) grow_hist(hist, B, e_old, e_new);
+    const int64_t e_at = table ? e_old : e_start;  // the range `hist` was binned with (>= e_old)
+    if (e_at != kEmptyExp) grow_hist(hist, B, e_at, e_new);
     hexp[0] = e_new;
     hexp[1] = e_old;
     if constexpr (Ld::kTable) {
@@ -531,11 +578,11 @@ static void update_typed(const at::Tensor& x, const Layout& L, float* fst, doubl
         }
       }
     }
-    if (e_new != e_old && !table) {
+    if (e_new != e_at && !table) {
       again = true;
       h2.B = B;
       h2.hscale = bin_scale<acc_t>(B, e_new);
-      h2.hlo = lower_bound_for<acc_t>(e_old);
+      h2.hlo = lower_bound_for<acc_t>(e_at);
     }
   }
   if (N) {
