@@ -19,7 +19,6 @@ typical time: on a shared machine identical runs differ by up to 1.5x).
 import argparse
 import datetime
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -99,15 +98,9 @@ def main(argv=None):
         res = {k: min(r[k] for r in runs) for k in runs[0]}
     floors = {dt: sum_floor_ms(shape, dt, args.reps) for dt in ("float32", "bfloat16")}
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    from bench_ranges import _cpu_name  # the benchmarks' machine line (benchmarks/ is on sys.path)
+
+    cpu = _cpu_name()
     lines = [
         "# The histogram's floor on this CPU",
         "",

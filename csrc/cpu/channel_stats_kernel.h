@@ -175,6 +175,21 @@ static inline void hist_rows(const typename Ld::in_t* const* p, int R, int64_t n
   s.note_binned(n * R);
 }
 
+// Increments K adjacent channels' histograms (N counters each, from h) with R rows of bin
+// indices (row r at idx + r * kTileC; index N and above: not binned).
+template <int K>
+static inline void channel_scatter(const int32_t* idx, int64_t R, int32_t* h, int64_t N) {
+  const uint32_t Nu = static_cast<uint32_t>(N);
+  for (int64_t r = 0; r < R; ++r) {
+    const int32_t* ir = idx + r * kTileC;
+#pragma GCC unroll 8
+    for (int k = 0; k < K; ++k) {
+      const uint32_t i = static_cast<uint32_t>(ir[k]);
+      if (i < Nu) h[k * N + i] += 1;
+    }
+  }
+}
+
 // Bins rows [r0, r1) (at most kChunk) x channels [c0, c0 + n) into the per-channel histograms,
 // a tile of channels at a time: the tile's bin indices for all the rows first, then each
 // channel's indices into its own histogram, which stays in L1 while it takes them.
@@ -183,7 +198,6 @@ static void channel_hist_rows(const typename Ld::in_t* base, const calibfast::La
                               int64_t c0, int64_t n, const Slot<typename Ld::acc_t>& s) {
   const int64_t cs = L.channel_stride;
   const int64_t R = r1 - r0;
-  const uint32_t N = static_cast<uint32_t>(s.N);
   for (int64_t t0 = 0; t0 < n; t0 += kTileC) {
     const int64_t tn = std::min(kTileC, n - t0);
     const int64_t ca = c0 + t0;
@@ -193,27 +207,12 @@ static void channel_hist_rows(const typename Ld::in_t* base, const calibfast::La
     }
     // kInterleave channels at a time, their increments interleaved: one channel's values fall
     // in few bins, and back-to-back increments of one counter wait for each other (store to
-    // load); independent streams keep the core busy meanwhile.
+    // load); independent streams keep the core busy meanwhile. The last tn % 8 one at a time.
     constexpr int kInterleave = 8;
     int64_t c = 0;
-    for (; c + kInterleave <= tn; c += kInterleave) {
-      int32_t* h = s.csub + (ca + c) * s.N;
-      for (int64_t r = 0; r < R; ++r) {
-        const int32_t* ir = s.idx + r * kTileC + c;
-#pragma GCC unroll 8
-        for (int k = 0; k < kInterleave; ++k) {
-          const uint32_t i = static_cast<uint32_t>(ir[k]);
-          if (i < N) h[k * s.N + i] += 1;
-        }
-      }
-    }
-    for (; c < tn; ++c) {
-      int32_t* h = s.csub + (ca + c) * s.N;
-      for (int64_t r = 0; r < R; ++r) {
-        const uint32_t i = static_cast<uint32_t>(s.idx[r * kTileC + c]);
-        if (i < N) h[i] += 1;
-      }
-    }
+    for (; c + kInterleave <= tn; c += kInterleave)
+      channel_scatter<kInterleave>(s.idx + c, R, s.csub + (ca + c) * s.N, s.N);
+    for (; c < tn; ++c) channel_scatter<1>(s.idx + c, R, s.csub + (ca + c) * s.N, s.N);
   }
   s.note_binned(R * n);
 }
