@@ -56,9 +56,15 @@ METHODS = {
     "modelopt_hist": "ModelOpt MaxCalibrator(axis=1) + HistogramCalibrator(2048 bins) collect",
     "torch_ao_hist": "torch.ao HistogramObserver(2048 bins) forward",
     "sum_floor": "x.sum() (read-once floor)",
+    "copy_floor": "y.copy_(x) (copy: reads and writes x's bytes)",
+    # CUDA only: the version 2 row kernel (CALIBFAST_CUDA_ROWS=2), opt-in until measured on a GPU
+    "calibfast_v2": "calibfast stats, CUDA row kernel version 2",
+    "calibfast_hist_v2": "calibfast stats + 2048-bin histogram, CUDA row kernel version 2",
 }
+CUDA_ONLY = {"calibfast_v2", "calibfast_hist_v2"}
 # Which calibfast row each method is compared with ("vs calibfast" = same work).
-BASELINE = {"modelopt_hist": "calibfast_hist", "torch_ao_hist": "calibfast_hist"}
+BASELINE = {"modelopt_hist": "calibfast_hist", "torch_ao_hist": "calibfast_hist",
+            "calibfast_hist_v2": "calibfast_hist"}
 
 
 class SanityError(RuntimeError):
@@ -169,7 +175,32 @@ def make_methods(x, include=None):
                                    lambda: {"absmax": cal.compute_amax().reshape(-1)})
     if "sum_floor" in include:
         methods["sum_floor"] = (lambda: x.sum(), None)
+    if "copy_floor" in include:
+        y = torch.empty_like(x)
+        methods["copy_floor"] = (lambda: y.copy_(x), None)
+    for key, bins in (("calibfast_v2", 0), ("calibfast_hist_v2", 2048)):
+        if key in include:
+            if x.device.type != "cuda":
+                skipped[key] = "CUDA only"
+                continue
+            cv = calibfast.ChannelStats(axis=-1, bins=bins)
+            methods[key] = (_rows_v2(lambda cv=cv: cv.update(x)), lambda cv=cv: cv)
     return methods, skipped
+
+
+def _rows_v2(fn):
+    """fn run with CALIBFAST_CUDA_ROWS=2 (read by the CUDA op on every update)."""
+    def run():
+        old = os.environ.get("CALIBFAST_CUDA_ROWS")
+        os.environ["CALIBFAST_CUDA_ROWS"] = "2"
+        try:
+            fn()
+        finally:
+            if old is None:
+                del os.environ["CALIBFAST_CUDA_ROWS"]
+            else:
+                os.environ["CALIBFAST_CUDA_ROWS"] = old
+    return run
 
 
 # ---- sanity ------------------------------------------------------------------------------------
@@ -317,18 +348,23 @@ def render(info, rows, notes, shapes):
         f"- command: `{info['command']}`",
         "",
     ]
+    copy = any(r.get("of_copy") is not None for r in rows)
     cols = (["shape"] if multi_shape else []) + [
-        "method", "dtype", "median ms", "IQR ms", "GB/s", "vs calibfast", "vs x.sum() floor"]
-    align = (["---"] if multi_shape else []) + ["---", "---", "---:", "---:", "---:", "---:", "---:"]
+        "method", "dtype", "median ms", "IQR ms", "GB/s", "vs calibfast", "vs x.sum() floor"] + (
+        ["of copy bandwidth"] if copy else [])
+    align = (["---"] if multi_shape else []) + ["---", "---", "---:", "---:", "---:", "---:", "---:"] + (
+        ["---:"] if copy else [])
     lines = ["| " + " | ".join(cols) + " |", "| " + " | ".join(align) + " |"]
     for r in rows:
         cells = (["x".join(map(str, r["shape"]))] if multi_shape else []) + [
             METHODS[r["method"]], r["dtype"]]
         if r.get("skipped"):
-            cells += ["skipped", "", "", "", ""]
+            cells += ["skipped", "", "", "", ""] + ([""] if copy else [])
         else:
             cells += [f"{r['median_s'] * 1e3:.3f}", f"{r['iqr_s'] * 1e3:.3f}", f"{r['gb_per_s']:.1f}",
                       _fmt_ratio(r["vs_calibfast"]), _fmt_ratio(r["vs_floor"])]
+            if copy:
+                cells.append("" if r.get("of_copy") is None else f"{100 * r['of_copy']:.0f}%")
         lines.append("| " + " | ".join(cells) + " |")
     foot = [
         "",
@@ -337,7 +373,10 @@ def render(info, rows, notes, shapes):
         "(the stats row, or the stats + histogram row for the histogram peers: how many times slower); "
         "\"vs x.sum() floor\" = time / x.sum()'s time. calibfast computes min, max, abs-min (abs-max), "
         "sum, sum|x|, sum x^2 and NaN/Inf counts in one read; the others min/max or abs-max only. "
-        "Every method's results were checked against calibfast's reference before timing.",
+        "Every method's results were checked against calibfast's reference before timing."
+        + (" \"of copy bandwidth\" = (bytes of x / time) / (2 x bytes of x / the copy's time): the "
+           "copy reads and writes every byte, and its bandwidth counts both, as CUDA's bandwidthTest "
+           "does for device-to-device copies." if copy else ""),
     ]
     if notes:
         foot.append("")
@@ -352,8 +391,9 @@ def main(argv=None):
                    help="tokens x channels, e.g. 8192x4096 (repeatable; default 8192x4096)")
     p.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["float32", "bfloat16"])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
-                   help="subset of methods (calibfast and sum_floor are always kept for the ratios)")
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=None,
+                   help="subset of methods (calibfast and sum_floor are always kept for the ratios; "
+                        "default: all, the CUDA-only ones on --device cuda only)")
     p.add_argument("--min-run-time", type=float, default=2.0,
                    help="seconds of timing per method per shape/dtype (default 2)")
     p.add_argument("--rounds", type=int, default=2,
@@ -374,6 +414,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch.cuda.is_available() is False")
+    if args.methods is None:
+        args.methods = [m for m in METHODS if args.device == "cuda" or m not in CUDA_ONLY]
     keep = {"calibfast", "sum_floor"} | {BASELINE[m] for m in args.methods if m in BASELINE}
     methods_wanted = [m for m in METHODS if m in set(args.methods) | keep]
 
@@ -425,6 +467,7 @@ def main(argv=None):
                     measurements[k].append(time_method(fn, args.min_run_time / max(1, args.rounds)))
             merged = {k: tb.Measurement.merge(v)[0] for k, v in measurements.items()}
             t_floor = merged["sum_floor"].median
+            t_copy = merged["copy_floor"].median if "copy_floor" in merged else None
             for k in METHODS:
                 if k not in methods_wanted:
                     continue
@@ -439,6 +482,7 @@ def main(argv=None):
                        "vs_calibfast": t / merged[BASELINE.get(k, "calibfast")].median
                        if BASELINE.get(k, "calibfast") in merged else float("nan"),
                        "vs_calibfast_row": BASELINE.get(k, "calibfast"), "vs_floor": t / t_floor,
+                       "of_copy": None if t_copy is None else t_copy / (2 * t),
                        "bytes": nbytes(x), "number_per_run": m.number_per_run,
                        "times_s": list(m.times)}
                 rows.append(row)

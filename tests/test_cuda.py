@@ -75,3 +75,58 @@ def test_merge_across_devices():
     assert_stats_match(a, ref, torch.float32)
     with pytest.raises(ValueError, match="cuda"):
         a.update(x.cuda())
+
+
+# ---- the version 2 row kernel (opt-in: CALIBFAST_CUDA_ROWS=2) ----------------------------------
+# Cases for its paths: whole steps and a guarded tail (rows not a multiple of 8 warps x kU), one
+# tile and many, channel counts just above a tile, 3-D inputs (collapsed to 2-D rows), planted
+# NaN/Inf/huge values (float64 side path), a histogram in shared memory (2048 bins) and one in
+# global memory (8192 bins), and range growth between updates.
+V2_CASES = [((4096, 1024), torch.bfloat16), ((1000, 8), torch.float32), ((37, 132), torch.float16),
+            ((3, 5, 256), torch.bfloat16), ((70001, 4), torch.float32), ((129, 4100), torch.float16)]
+
+
+def _kernel_names(fn):
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.name for e in prof.events() if e.device_type.name == "CUDA"}
+
+
+@pytest.mark.parametrize("bins", [0, 2048, 8192])
+@pytest.mark.parametrize("shape,dtype", V2_CASES, ids=str)
+def test_rows_kernel_v2_matches_reference(monkeypatch, shape, dtype, bins):
+    _native_cuda()
+    from test_channel_stats import _special
+    monkeypatch.setenv("CALIBFAST_CUDA_ROWS", "2")
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(shape, generator=g)
+    x[..., ::17] *= 300.0  # a few wide channels
+    x = _special(x.to(dtype)).cuda()
+    n = x.shape[0]
+    s = ChannelStats(bins=bins)
+    ref = ChannelStats(bins=bins, backend="reference")
+    for part in (x[: max(1, n // 3)] / 64, x[max(1, n // 3):], x):  # the range grows twice
+        s.update(part)
+        ref.update(part)
+    assert_stats_match(s, ref, dtype)
+
+
+def test_rows_kernel_v2_is_the_kernel_that_runs(monkeypatch):
+    """The environment switch selects the kernel (so the test above tests version 2)."""
+    _native_cuda()
+    x = torch.randn(512, 1024, device="cuda", dtype=torch.bfloat16)
+    s = ChannelStats().update(x)
+    v1 = _kernel_names(lambda: s.update(x))
+    monkeypatch.setenv("CALIBFAST_CUDA_ROWS", "2")
+    v2 = _kernel_names(lambda: s.update(x))
+    assert any("rows_kernel" in k and "rows_kernel_v2" not in k for k in v1), v1
+    assert not any("rows_kernel_v2" in k for k in v1), v1
+    assert any("rows_kernel_v2" in k for k in v2), v2
+    # inputs it does not take fall back to version 1: per-channel histograms, odd channel counts
+    sc = ChannelStats(channel_bins=64).update(x)
+    assert not any("rows_kernel_v2" in k for k in _kernel_names(lambda: sc.update(x)))
+    xo = torch.randn(512, 1023, device="cuda", dtype=torch.bfloat16)
+    so = ChannelStats().update(xo)
+    assert not any("rows_kernel_v2" in k for k in _kernel_names(lambda: so.update(xo)))

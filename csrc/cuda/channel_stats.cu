@@ -14,8 +14,11 @@
 //   kRuns    channel-major with contiguous runs (NCHW): one block per (channel, slice of outer
 //            rows); threads walk each run, coalesced.
 //   kStrided anything else: the row kernel with VEC = 1 and a channel stride.
+// A second row kernel (rows_kernel_v2, below) is written for bandwidth: 4 channels a thread,
+// float partial sums flushed to float64, fewer registers, whole waves. It is opt-in
+// (CALIBFAST_CUDA_ROWS=2) until a GPU run has passed the tests with it and timed it.
 //
-// Sums are accumulated in float64 from the first value (Hopper and Ampere data-centre parts run
+// In version 1, sums are accumulated in float64 from the first value (Hopper and Ampere data-centre parts run
 // float64 at half the float32 rate, far above what memory bandwidth feeds), so neither precision
 // nor overflow of huge finite values depends on how many values a thread adds.
 
@@ -26,6 +29,8 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <type_traits>
 #include <cstdint>
 
 #include "../common.h"
@@ -203,6 +208,15 @@ __device__ __forceinline__ void bin_value(acc_t f, bool gon, const BinRule<acc_t
   }
 }
 
+// Adds a block's shared-memory copy of the global histogram into the global one (after every
+// thread of the block has binned; call from all of them). t: this thread's index, n: threads.
+__device__ __forceinline__ void flush_shared_hist(const unsigned int* shist, const HistParams& hp, int t, int n) {
+  __syncthreads();
+  for (int i = t; i < hp.B; i += n) {
+    if (shist[i]) atomicAdd(hp.hist + i, static_cast<unsigned long long>(shist[i]));
+  }
+}
+
 // ---- the row kernel (kRows, kStrided) -----------------------------------------------------
 // kStats: statistics and histogram pass 1; otherwise histogram pass 2 only.
 template <class Ld, int VEC, bool kUnit, bool kStats>
@@ -300,12 +314,7 @@ __global__ void __launch_bounds__(32 * kWarps) rows_kernel(const typename Ld::in
     }
   }
 
-  if (gsmem) {
-    __syncthreads();
-    for (int i = tid; i < hp.B; i += 32 * kWarps) {
-      if (shist[i]) atomicAdd(hp.hist + i, static_cast<unsigned long long>(shist[i]));
-    }
-  }
+  if (gsmem) flush_shared_hist(shist, hp, tid, 32 * kWarps);
   if (!kStats) return;
 
   // Reduce the kWarps partial results of each channel; thread t finishes channel t of the tile.
@@ -333,6 +342,221 @@ __global__ void __launch_bounds__(32 * kWarps) rows_kernel(const typename Ld::in
 #undef CALIBFAST_REDUCE
   if (owner) {
     commit<acc_t>(C, ct, mn, mx, amn, s, sa, sq, snan[tid], sinf[tid], fst, dst, ist);
+    if (blockIdx.y == 0) ist[ct] += static_cast<unsigned long long>(rows);
+  }
+}
+
+// ---- the row kernel, version 2 (kRows, unit stride, float32 / bfloat16 / float16) --------------
+// Written for bandwidth where version 1 is latency-bound (H200, 16384 x 8192: statistics at 2.4x
+// (float32) and 6.6x (bfloat16) the time of x.sum(); the 16-bit kernel, 8 channels a thread with
+// float64 sums, needs 160 registers, so one 8-warp block per SM and few bytes in flight):
+//   - 4 channels a thread for every input width (16-byte loads of float32, 8-byte loads of 16-bit
+//     values; a warp still reads whole 128-byte lines), 64 bytes a thread in flight;
+//   - sums in float over at most kFlushValues values per channel and thread, then added to float64
+//     partial sums in shared memory (one slot per warp and channel, written by one thread: no
+//     atomics). Values with |x| >= 2^32 go to those float64 slots directly, so a float partial sum
+//     cannot overflow (32 * 2^64 << FLT_MAX) and huge values lose nothing; non-finite values are
+//     counted (the same compare sends them off the fast path);
+//   - under 64 registers a thread (several blocks per SM) and a grid sized to whole waves of
+//     resident blocks (launch_rows_v2).
+// The float partial sums carry the same error bound as the CPU kernel's float chunk sums (kChunk
+// values a chunk there): relative error ~kFlushValues * 2^-24 of sum |x| at worst.
+constexpr int kVec2 = 4;            // channels a thread
+constexpr int kTile2 = 32 * kVec2;  // channels a block
+constexpr int kFlushValues = 32;    // values a float partial sum takes before it is flushed
+
+// kHist: the global histogram off (0), in shared memory (1: B <= kSmemBins) or in global memory
+// (2), fixed at compile time so that the per-value path has no branch on it.
+template <class Ld, bool kStats, int kHist>
+__global__ void __launch_bounds__(32 * kWarps, 3)
+    rows_kernel_v2(const typename Ld::in_t* __restrict__ x, int64_t row_stride, int64_t rows, int64_t C,
+                   int64_t rows_per_block, float* __restrict__ fst, double* __restrict__ dst,
+                   unsigned long long* __restrict__ ist, HistParams hp) {
+  using in_t = typename Ld::in_t;
+  static_assert(std::is_same<typename Ld::acc_t, float>::value, "rows_kernel_v2 folds in float");
+  constexpr int kU = 64 / (kVec2 * static_cast<int>(sizeof(in_t)));  // rows a thread loads at once
+  constexpr int kFlushIters = kFlushValues / kU;
+  static_assert(kFlushIters >= 1, "kFlushValues must be a multiple of kU");
+  constexpr float kBig = 4294967296.0f;  // 2^32: at or beyond, a value skips the float partial sums
+  const float kNaN = __int_as_float(0x7fffffff);
+  // float64 partial sums [stat][warp][j * 32 + lane] (lane-major per j: no bank conflicts), and the
+  // float min/max/abs-min of the final reduction.
+  constexpr int kStat = kWarps * kTile2;  // float64 slots per statistic
+  __shared__ double dsum[kStats ? 3 * kStat : 1];
+  __shared__ float fred[kStats ? kWarps : 1][kTile2];
+  __shared__ unsigned int snan[kTile2];
+  __shared__ unsigned int sinf[kTile2];
+  __shared__ unsigned int shist[kHist == 1 ? kSmemBins : 1];
+
+  const int tx = threadIdx.x;
+  const int ty = threadIdx.y;
+  const int tid = ty * 32 + tx;
+  const int64_t tile0 = static_cast<int64_t>(blockIdx.x) * kTile2;
+  const int64_t c0 = tile0 + static_cast<int64_t>(tx) * kVec2;
+  const bool active = c0 < C;  // C % kVec2 == 0 (launch condition): the whole pack is in range
+
+  // The histogram's rule for this pass. When it bins nothing (an empty histogram in pass 1),
+  // lo = +inf and every value's bin is -1: no branch needed in the loop.
+  BinRule<float> grule;
+  if (kHist) grule = bin_rule<float>(kStats, hp.B, hp.hexp[0], hp.hexp[1]);
+  const bool gon = grule.lo != INFINITY;
+  constexpr bool gsmem = kHist == 1;
+  if (!kStats && !gon) return;  // pass 2 with nothing to bin (uniform over the block)
+
+  for (int i = tid; i < kTile2; i += 32 * kWarps) {
+    snan[i] = 0;
+    sinf[i] = 0;
+  }
+  if (kStats) {
+    for (int i = tid; i < 3 * kStat; i += 32 * kWarps) dsum[i] = 0.0;
+  }
+  if (gsmem) {
+    for (int i = tid; i < hp.B; i += 32 * kWarps) shist[i] = 0;
+  }
+  __syncthreads();
+
+  float mn[kVec2], mx[kVec2], amn[kVec2], fs[kVec2], fa[kVec2], fq[kVec2];
+#pragma unroll
+  for (int j = 0; j < kVec2; ++j) {
+    mn[j] = INFINITY;
+    mx[j] = -INFINITY;
+    amn[j] = INFINITY;
+    fs[j] = fa[j] = fq[j] = 0.0f;
+  }
+  // This thread's float64 slot of statistic k (sum, sum |x|, sum x^2) for its channel j:
+  // dsum[k * kStat + mine + j * 32].
+  const int mine = ty * kTile2 + tx;
+  auto flush = [&]() {
+#pragma unroll
+    for (int j = 0; j < kVec2; ++j) {
+      dsum[mine + j * 32] += static_cast<double>(fs[j]);
+      dsum[kStat + mine + j * 32] += static_cast<double>(fa[j]);
+      dsum[2 * kStat + mine + j * 32] += static_cast<double>(fq[j]);
+      fs[j] = fa[j] = fq[j] = 0.0f;
+    }
+  };
+
+  const int64_t r_begin = static_cast<int64_t>(blockIdx.y) * rows_per_block;
+  const int64_t r_end = min(rows, r_begin + rows_per_block);
+  // kU rows of this thread's 4 channels: loads first (all in flight), then folded without a branch
+  // per value: a value off the fast path (NaN, +-Inf, |x| >= 2^32) enters the float partial sums
+  // as 0 and the min/max as NaN (which fminf/fmaxf ignore), and is handled after the step, which
+  // branches once. kGuard: rows at or past r_end may occur (the last step of a thread only).
+  auto step = [&](int64_t r, auto guard) {
+    constexpr bool kGuard = decltype(guard)::value;
+    Pack<in_t, kVec2> v[kU];
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      const int64_t ru = r + u * kWarps;
+      if (!kGuard || ru < r_end) v[u] = *reinterpret_cast<const Pack<in_t, kVec2>*>(x + ru * row_stride + c0);
+    }
+    bool bad = false;
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      if (kGuard && r + u * kWarps >= r_end) break;
+#pragma unroll
+      for (int j = 0; j < kVec2; ++j) {
+        const float f = Ld::load(v[u].v[j]);
+        const float a = fabsf(f);
+        if (kStats) {
+          const bool ok = a < kBig;  // finite and not huge (NaN compares false)
+          const float z = ok ? f : 0.0f;
+          const float m = ok ? f : kNaN;   // NaN: ignored by fminf/fmaxf
+          const float am = ok ? a : kNaN;
+          mn[j] = fminf(m, mn[j]);
+          mx[j] = fmaxf(m, mx[j]);
+          amn[j] = fminf(am, amn[j]);
+          fs[j] += z;
+          fa[j] += fabsf(z);
+          fq[j] = fmaf(z, z, fq[j]);
+          bad |= !ok;
+        }
+        if (kHist == 1) {
+          // Not binned (outside [lo, 2^e), NaN, Inf): add 0 at the lane's own counter instead of
+          // branching (distinct lanes, distinct counters: no contention).
+          const float t = fminf(a * grule.scale, static_cast<float>(hp.B));  // NaN -> B
+          const bool in = a >= grule.lo && t < static_cast<float>(hp.B);
+          atomicAdd(&shist[in ? static_cast<int>(t) : tx], in ? 1u : 0u);
+        } else if (kHist == 2) {
+          const int b = bin_of(f, grule, hp.B);
+          if (b >= 0) atomicAdd(hp.hist + b, 1ull);
+        }
+      }
+    }
+    if (kStats && bad) {  // rare: the values the fast path left out, read again (from cache)
+      for (int u = 0; u < kU; ++u) {
+        const int64_t ru = r + u * kWarps;
+        if (kGuard && ru >= r_end) break;
+        for (int j = 0; j < kVec2; ++j) {
+          const float f = Ld::load(x[ru * row_stride + c0 + j]);
+          const float a = fabsf(f);
+          if (a < kBig) continue;
+          if (isnan(f)) {
+            atomicAdd(&snan[j * 32 + tx], 1u);
+          } else if (isinf(f)) {
+            atomicAdd(&sinf[j * 32 + tx], 1u);
+          } else {  // huge but finite: straight into float64
+            mn[j] = fminf(f, mn[j]);
+            mx[j] = fmaxf(f, mx[j]);
+            amn[j] = fminf(a, amn[j]);
+            const double d = static_cast<double>(f);
+            dsum[mine + j * 32] += d;
+            dsum[kStat + mine + j * 32] += fabs(d);
+            dsum[2 * kStat + mine + j * 32] += d * d;
+          }
+        }
+      }
+    }
+  };
+
+  if (active) {
+    int64_t r = r_begin + ty;
+    int iters = 0;
+    for (; r + (kU - 1) * kWarps < r_end; r += kWarps * kU) {
+      step(r, std::false_type{});
+      if (kStats && ++iters == kFlushIters) {
+        flush();
+        iters = 0;
+      }
+    }
+    if (r < r_end) step(r, std::true_type{});
+    if (kStats) flush();
+  }
+
+  if (gsmem) flush_shared_hist(shist, hp, tid, 32 * kWarps);
+  if (!kStats) return;
+
+  // Thread t < kTile2 finishes channel tile0 + t, held by lane t / kVec2 as its channel t % kVec2,
+  // i.e. at slot (t % kVec2) * 32 + t / kVec2.
+  const int64_t ct = tile0 + tid;
+  const bool owner = tid < kTile2 && ct < C;
+  const int slot = (tid % kVec2) * 32 + tid / kVec2;
+  float rmn = INFINITY, rmx = -INFINITY, ramn = INFINITY;
+  double s = 0, sa = 0, sq = 0;
+  __syncthreads();  // every flush done
+  if (owner) {
+    for (int w = 0; w < kWarps; ++w) {
+      s += dsum[w * kTile2 + slot];
+      sa += dsum[kStat + w * kTile2 + slot];
+      sq += dsum[2 * kStat + w * kTile2 + slot];
+    }
+  }
+#define CALIBFAST_REDUCE2(field, op)                                      \
+  __syncthreads();                                                        \
+  _Pragma("unroll") for (int j = 0; j < kVec2; ++j) fred[ty][j * 32 + tx] = field[j]; \
+  __syncthreads();                                                        \
+  if (owner) {                                                            \
+    for (int w = 0; w < kWarps; ++w) {                                    \
+      const float q = fred[w][slot];                                      \
+      op;                                                                 \
+    }                                                                     \
+  }
+  CALIBFAST_REDUCE2(mn, rmn = q < rmn ? q : rmn)
+  CALIBFAST_REDUCE2(mx, rmx = q > rmx ? q : rmx)
+  CALIBFAST_REDUCE2(amn, ramn = q < ramn ? q : ramn)
+#undef CALIBFAST_REDUCE2
+  if (owner) {
+    commit<float>(C, ct, rmn, rmx, ramn, s, sa, sq, snan[slot], sinf[slot], fst, dst, ist);
     if (blockIdx.y == 0) ist[ct] += static_cast<unsigned long long>(rows);
   }
 }
@@ -416,12 +640,7 @@ __global__ void __launch_bounds__(kRunThreads) runs_kernel(const typename Ld::in
       }
     }
   }
-  if (gsmem) {
-    __syncthreads();
-    for (int i = threadIdx.x; i < hp.B; i += kRunThreads) {
-      if (shist[i]) atomicAdd(hp.hist + i, static_cast<unsigned long long>(shist[i]));
-    }
-  }
+  if (gsmem) flush_shared_hist(shist, hp, threadIdx.x, kRunThreads);
   if (!kStats) return;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -581,6 +800,66 @@ void launch_rows(const at::Tensor& x, const Layout& L, float* fst, double* dst, 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Grid of the version 2 row kernel: tiles x gy blocks, gy chosen so that the blocks fill whole
+// waves of the resident blocks (occupancy x SMs) as nearly as possible, preferring fewer blocks on
+// a tie; each block keeps at least kWarps * 8 rows.
+int64_t rows_grid_y(int64_t tiles, int64_t rows, int64_t resident) {
+  const int64_t max_y = std::max<int64_t>(1, std::min<int64_t>(65535, rows / (8 * kWarps)));
+  const int64_t cap = std::min<int64_t>(max_y, std::max<int64_t>(1, 8 * resident / std::max<int64_t>(tiles, 1)));
+  int64_t best = 1;
+  double best_eff = -1;
+  for (int64_t gy = 1; gy <= cap; ++gy) {
+    const int64_t blocks = tiles * gy;
+    const int64_t waves = (blocks + resident - 1) / resident;
+    const double eff = static_cast<double>(blocks) / static_cast<double>(waves * resident);
+    if (eff > best_eff + 1e-9) {
+      best_eff = eff;
+      best = gy;
+    }
+  }
+  return best;
+}
+
+template <class Ld>
+void launch_rows_v2(const at::Tensor& x, const Layout& L, float* fst, double* dst, unsigned long long* ist,
+                    const HistParams& hp, bool stats, cudaStream_t stream, int sms) {
+  const int64_t tiles = (L.channels + kTile2 - 1) / kTile2;
+  TORCH_CHECK(tiles <= 0x7fffffff, "calibfast: too many channels for one launch: ", L.channels);
+  const dim3 block(32, kWarps);
+  const int hm = hp.B == 0 ? 0 : (hp.B <= kSmemBins ? 1 : 2);
+  using Kernel = void (*)(const typename Ld::in_t*, int64_t, int64_t, int64_t, int64_t, float*, double*,
+                          unsigned long long*, HistParams);
+  static constexpr Kernel kernels[2][3] = {
+      {rows_kernel_v2<Ld, false, 0>, rows_kernel_v2<Ld, false, 1>, rows_kernel_v2<Ld, false, 2>},
+      {rows_kernel_v2<Ld, true, 0>, rows_kernel_v2<Ld, true, 1>, rows_kernel_v2<Ld, true, 2>}};
+  const Kernel kernel = kernels[stats ? 1 : 0][hm];
+  // resident blocks per SM of each kernel (assumed the same on every device of the process)
+  static int per_sm[2][3] = {{0, 0, 0}, {0, 0, 0}};
+  int& occ = per_sm[stats ? 1 : 0][hm];
+  if (occ == 0) {
+    int n = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, 32 * kWarps, 0));
+    occ = std::max(1, n);
+  }
+  const int64_t gy0 = rows_grid_y(tiles, L.rows, static_cast<int64_t>(occ) * sms);
+  const int64_t rows_per_block = (L.rows + gy0 - 1) / gy0;
+  const int64_t gy = (L.rows + rows_per_block - 1) / rows_per_block;
+  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(gy));
+  const auto* xp = static_cast<const typename Ld::in_t*>(x.const_data_ptr());
+  kernel<<<grid, block, 0, stream>>>(xp, L.offsets.strides[0], L.rows, L.channels, rows_per_block, fst, dst, ist,
+                                     hp);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Which row kernel handles kRows inputs: 1 (default) or 2 (CALIBFAST_CUDA_ROWS=2, read on every
+// update so that a benchmark can switch in one process). Version 2 stays opt-in until a GPU run
+// has passed the CUDA tests with it and measured it against version 1 (benchmarks/gpu_check.sh
+// does both).
+int rows_version() {
+  const char* v = std::getenv("CALIBFAST_CUDA_ROWS");
+  return (v != nullptr && v[0] == '2' && v[1] == '\0') ? 2 : 1;
+}
+
 template <class Ld>
 void launch_runs(const at::Tensor& x, const Layout& L, float* fst, double* dst, unsigned long long* ist,
                  const HistParams& hp, bool stats, cudaStream_t stream, int sms) {
@@ -624,6 +903,12 @@ void launch_pass(const at::Tensor& x, const Layout& L, float* fst, double* dst, 
       launch_runs<Ld>(x, L, fst, dst, ist, hp, stats, stream, sms);
       break;
     case Mode::kRows:
+      if constexpr (std::is_same<typename Ld::acc_t, float>::value) {
+        if (hp.N == 0 && L.offsets.nd == 1 && rows_version() == 2 && rows_aligned(x, L, kVec2)) {
+          launch_rows_v2<Ld>(x, L, fst, dst, ist, hp, stats, stream, sms);
+          break;
+        }
+      }
       if (rows_aligned(x, L, kVec)) {
         launch_rows<Ld, kVec, true>(x, L, fst, dst, ist, hp, stats, stream, sms);
       } else {
