@@ -164,6 +164,40 @@ def test_every_cpu_instruction_set(monkeypatch, capability, dtype, shape, axis, 
     assert_stats_match(ChannelStats(axis=axis).update(x), _ref_state(x, axis), dtype)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_wide_rows_are_folded_in_channel_blocks_exactly(threads, dtype):
+    """Rows of over 2 x 4096 channels are folded a block of channels at a time (the CPU kernel's
+    kWideBlock): statistics, histogram and per-channel histograms as for any other shape."""
+    if not native_on("cpu"):
+        pytest.skip("no native CPU kernel")
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = _special(_make((37, 8195), dtype, "cpu", kind="heavy"))
+        for bins, cbins in ((0, 0), (2048, 64)):
+            a = ChannelStats(bins=bins, channel_bins=cbins).update(x).update(x[:20] * 3)
+            r = ChannelStats(bins=bins, channel_bins=cbins, backend="reference").update(x).update(x[:20] * 3)
+            assert_stats_match(a, r, dtype)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_slots_of_threads_that_ran_no_task_are_not_merged():
+    """With more torch threads than tasks, some per-thread slots take no task: their buffers (kept
+    between calls, so holding an earlier call's numbers) must not reach the state."""
+    if not native_on("cpu"):
+        pytest.skip("no native CPU kernel")
+    old = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        ChannelStats().update(_make((64, 4000), torch.float32, "cpu", scale=1e6))  # fills the buffers
+        x = _make((20, 4000), torch.float32, "cpu")  # 20 rows: channels split in 2 tasks, 4 slots
+        assert_stats_match(ChannelStats().update(x), _ref_state(x, -1), torch.float32)
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_unknown_cpu_capability_is_an_error(monkeypatch):
     if not native_on("cpu"):
         pytest.skip("no native CPU kernel")

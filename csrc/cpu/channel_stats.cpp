@@ -30,6 +30,8 @@ constexpr int64_t kChunk = 64;  // rows (row kernels) or values per lane (run ke
 constexpr int kLanes = 16;      // independent accumulators in the run kernels
 constexpr int kSubHists = 2;    // interleaved copies of the global histogram per thread
 constexpr int64_t kTileC = 128; // channels per tile of the per-channel histogram pass
+constexpr int64_t kWideBlock = 4096;  // channels folded at a time when a row has over 2x this many
+constexpr int64_t kParallelMergeC = 16384;  // channels from which the slots are merged in parallel
 // 16-bit inputs (bfloat16, float16) with enough values: the global histogram first counts the
 // 2^15 bit patterns of |x| (bits & 0x7fff: no float math per value, one increment), and the
 // pattern counts become bin counts once per call, after the range is known (so no second pass
@@ -249,13 +251,14 @@ static int32_t* zeroed_counters(int64_t n) {
   return cache.buf.data();
 }
 
-// Folds partial state of C channels (min, max, abs-min; sum, sum |x|, sum x^2; NaN and Inf counts)
-// into the op's state ([3][C] each; the value counts, row 0 of ist, are the caller's).
+// Folds partial state of channels [c0, c1) of C (min, max, abs-min; sum, sum |x|, sum x^2; NaN
+// and Inf counts) into the op's state ([3][C] each; the value counts, row 0 of ist, are the
+// caller's).
 template <typename acc_t>
-static void fold_state(int64_t C, const acc_t* mn, const acc_t* mx, const acc_t* amn, const double* sum,
-                       const double* sabs, const double* ssq, const int64_t* nan, const int64_t* inf, float* fst,
-                       double* dst, int64_t* ist) {
-  for (int64_t c = 0; c < C; ++c) {
+static void fold_state(int64_t C, int64_t c0, int64_t c1, const acc_t* mn, const acc_t* mx, const acc_t* amn,
+                       const double* sum, const double* sabs, const double* ssq, const int64_t* nan,
+                       const int64_t* inf, float* fst, double* dst, int64_t* ist) {
+  for (int64_t c = c0; c < c1; ++c) {
     const float fmn = static_cast<float>(mn[c]);
     const float fmx = static_cast<float>(mx[c]);
     const float famn = static_cast<float>(amn[c]);
@@ -270,20 +273,50 @@ static void fold_state(int64_t C, const acc_t* mn, const acc_t* mx, const acc_t*
   }
 }
 
+// The slots' buffers, kept between calls on this (calling) thread: a call takes what it needs from
+// here instead of allocating. Fresh allocations of a few MB were handed back to the kernel at the
+// end of every call and page-faulted in again at the next (at C = 65536, most of an update's
+// time). Contents are not kept: every call initialises what it reads.
+template <typename acc_t>
+struct SlotBuffers {
+  std::vector<acc_t> a, scratch;
+  std::vector<double> d;
+  std::vector<int64_t> k;
+  std::vector<int32_t> idx;
+};
+
+template <typename acc_t>
+static SlotBuffers<acc_t>& slot_buffers() {
+  thread_local SlotBuffers<acc_t> buffers;
+  return buffers;
+}
+
+template <typename T>
+static T* at_least(std::vector<T>& v, int64_t n) {
+  if (static_cast<int64_t>(v.size()) < n) {
+    v.clear();
+    v.shrink_to_fit();
+    v.resize(n);
+  }
+  return v.data();
+}
+
 // Per-thread slots of per-channel accumulators and private histograms, merged into the op's
-// state at the end. Sized once per call; only what the call uses is allocated.
+// state at the end. Sized once per call from the calling thread's SlotBuffers; each worker
+// initialises its own slot when it takes its first task (in parallel, and only the slots that run).
 template <typename acc_t>
 struct Slots {
   int64_t C;
   int n;
-  std::vector<acc_t> a;        // [n][3][C]: min, max, absmin
-  std::vector<double> d;       // [n][3][C]: sum, sum|x|, sum x^2
-  std::vector<int64_t> k;      // [n][2][C]: nan, inf
-  std::vector<acc_t> scratch;  // [n][6][C]: chunk accumulators of the row kernels
+  acc_t* a = nullptr;          // [n][3][C]: min, max, absmin
+  double* d = nullptr;         // [n][3][C]: sum, sum|x|, sum x^2
+  int64_t* k = nullptr;        // [n][2][C]: nan, inf
+  acc_t* scratch = nullptr;    // [n][6][C]: chunk accumulators of the row kernels
   int32_t* hsub = nullptr;     // [n][kSubHists][B]: global histogram counters  } in the
   int32_t* csub = nullptr;     // [n][C][N]: per-channel histogram counters     } counter cache
-  std::vector<int32_t> idx;    // [n][max(C, kRunBlock, kChunk * kTileC)]: bin indices
+  int32_t* idx = nullptr;      // [n][max(C, kRunBlock, kChunk * kTileC)]: bin indices
   std::vector<int64_t> pending;  // [n][kLine]: one cache line per thread (no false sharing)
+  std::vector<int64_t> ready;    // [n][kLine]: whether slot t's statistics are initialised
   std::mutex mu;
   int64_t B = 0, N = 0, idx_len = 0;
   int64_t HB = 0;  // counters per copy of the global histogram: B, or kTab in table mode
@@ -292,47 +325,56 @@ struct Slots {
 
   Slots(int64_t C_, int n_, bool stats, bool rows, int64_t B_, bool table, int64_t N_, int64_t* hist, int64_t* chist)
       : C(C_), n(n_), B(B_), N(N_), HB(table ? kTab : B_), hist_out(hist), chist_out(chist) {
+    SlotBuffers<acc_t>& buf = slot_buffers<acc_t>();
     if (stats) {
-      a.resize(3 * C * n);
-      d.assign(3 * C * n, 0.0);
-      k.assign(2 * C * n, 0);
-      const acc_t inf = std::numeric_limits<acc_t>::infinity();
-      for (int t = 0; t < n; ++t) {
-        acc_t* p = a.data() + 3 * C * t;
-        std::fill(p, p + C, inf);
-        std::fill(p + C, p + 2 * C, -inf);
-        std::fill(p + 2 * C, p + 3 * C, inf);
-      }
-      if (rows) scratch.resize(6 * C * n);
+      a = at_least(buf.a, 3 * C * n);
+      d = at_least(buf.d, 3 * C * n);
+      k = at_least(buf.k, 2 * C * n);
+      if (rows) scratch = at_least(buf.scratch, 6 * C * n);
+      ready.assign(n * kLine, 0);
     }
     if (B || N) {
       int32_t* counters = zeroed_counters((kSubHists * HB + N * C) * n);
       hsub = counters;
       csub = counters + kSubHists * HB * n;
       idx_len = std::max<int64_t>({C, kRunBlock, kChunk * kTileC});
-      idx.resize(idx_len * n);
+      idx = at_least(buf.idx, idx_len * n);
       pending.assign(n * kLine, 0);
     }
+  }
+
+  // Slot t's statistics at their identities (+inf, -inf, +inf; zeros), by the thread that owns it.
+  void init_slot(int t) {
+    if (a == nullptr || ready[t * kLine]) return;
+    const acc_t inf = std::numeric_limits<acc_t>::infinity();
+    acc_t* p = a + 3 * C * t;
+    std::fill(p, p + C, inf);
+    std::fill(p + C, p + 2 * C, -inf);
+    std::fill(p + 2 * C, p + 3 * C, inf);
+    std::fill(d + 3 * C * t, d + 3 * C * (t + 1), 0.0);
+    std::fill(k + 2 * C * t, k + 2 * C * (t + 1), int64_t(0));
+    ready[t * kLine] = 1;
   }
 
   Slot<acc_t> slot(int t, const Slot<acc_t>& hist_args) {
     TORCH_INTERNAL_ASSERT(t >= 0 && t < n, "calibfast: thread index ", t, " outside ", n, " slots");
     Slot<acc_t> s = hist_args;
-    if (!a.empty()) {
-      s.mn = a.data() + 3 * C * t;
+    if (a != nullptr) {
+      init_slot(t);
+      s.mn = a + 3 * C * t;
       s.mx = s.mn + C;
       s.amn = s.mx + C;
-      s.sum = d.data() + 3 * C * t;
+      s.sum = d + 3 * C * t;
       s.sabs = s.sum + C;
       s.ssq = s.sabs + C;
-      s.nan = k.data() + 2 * C * t;
+      s.nan = k + 2 * C * t;
       s.inf = s.nan + C;
     }
     s.C = C;
     if (B) s.hsub = hsub + kSubHists * HB * t;
     if (N) s.csub = csub + N * C * t;
     if (B || N) {
-      s.idx = idx.data() + idx_len * t;
+      s.idx = idx + idx_len * t;
       s.pending = pending.data() + kLine * t;
       s.hist_out = hist_out;
       s.chist_out = chist_out;
@@ -341,14 +383,24 @@ struct Slots {
     return s;
   }
 
-  acc_t* scratch_for(int t) { return scratch.data() + 6 * C * t; }
+  acc_t* scratch_for(int t) { return scratch + 6 * C * t; }
 
-  void merge_stats(float* fst, double* dst, int64_t* ist) {
-    for (int t = 0; t < n; ++t) {
-      const acc_t* mn = a.data() + 3 * C * t;
-      const double* sm = d.data() + 3 * C * t;
-      const int64_t* kk = k.data() + 2 * C * t;
-      fold_state(C, mn, mn + C, mn + 2 * C, sm, sm + C, sm + 2 * C, kk, kk + C, fst, dst, ist);
+  // Folds every initialised slot into the op's state; wide states split over the threads by
+  // channel (parallel: not when the call runs on one thread anyway).
+  void merge_stats(float* fst, double* dst, int64_t* ist, bool parallel) {
+    auto fold = [&](int64_t c0, int64_t c1) {
+      for (int t = 0; t < n; ++t) {
+        if (!ready[t * kLine]) continue;  // this thread ran no task
+        const acc_t* mn = a + 3 * C * t;
+        const double* sm = d + 3 * C * t;
+        const int64_t* kk = k + 2 * C * t;
+        fold_state(C, c0, c1, mn, mn + C, mn + 2 * C, sm, sm + C, sm + 2 * C, kk, kk + C, fst, dst, ist);
+      }
+    };
+    if (parallel && C >= kParallelMergeC) {
+      at::parallel_for(0, C, kParallelMergeC / 4, fold);
+    } else {
+      fold(0, C);
     }
   }
 
@@ -421,7 +473,7 @@ static void run_pass(const at::Tensor& x, const Layout& L, bool stats, const Slo
     }
   }
 #undef CALIBFAST_ISA_CALL
-  if (stats) slots.merge_stats(fst, dst, ist);
+  if (stats) slots.merge_stats(fst, dst, ist, !serial && nthreads > 1);
   if (hargs.B || hargs.N) counter_cache().dirty = false;  // every task flushed: all zero again
 }
 
@@ -645,7 +697,7 @@ static void update_layout(const at::Tensor& x, const Layout& L, float* fst, doub
     const float* f = vf.data() + o;
     const double* d = vd.data() + o;
     const int64_t* i = vi.data() + o;
-    fold_state(C, f, f + W, f + 2 * W, d, d + W, d + 2 * W, i + W, i + 2 * W, fst, dst, ist);
+    fold_state(C, 0, C, f, f + W, f + 2 * W, d, d + W, d + 2 * W, i + W, i + 2 * W, fst, dst, ist);
   }
   const int64_t rest = L.rows - R * k;
   if (rest > 0) {

@@ -444,8 +444,16 @@ static void rows_task(const void* data, const calibfast::Layout& L, int64_t r0, 
   const auto* base = static_cast<const typename Ld::in_t*>(data);
   const bool unit = L.channel_stride == 1;
   if (scratch != nullptr) {
-    unit ? rows_range<Ld, true>(base, L, r0, r1, c0, n, s, scratch)
-         : rows_range<Ld, false>(base, L, r0, r1, c0, n, s, scratch);
+    // Very wide rows are folded kWideBlock channels at a time (all the task's rows for one block,
+    // then the next): the chunk accumulators of all C channels (6 x C values) would not stay in
+    // L2 beside the 8 rows being folded. Each channel's values are grouped into the same chunks
+    // of rows either way, so the results are identical.
+    const int64_t step = n > 2 * kWideBlock ? kWideBlock : n;
+    for (int64_t cb = 0; cb < n; cb += step) {
+      const int64_t m = std::min(step, n - cb);
+      unit ? rows_range<Ld, true>(base, L, r0, r1, c0 + cb, m, s, scratch)
+           : rows_range<Ld, false>(base, L, r0, r1, c0 + cb, m, s, scratch);
+    }
   } else {
     unit ? rows_hist_range<Ld, true>(base, L, r0, r1, c0, n, s) : rows_hist_range<Ld, false>(base, L, r0, r1, c0, n, s);
   }
