@@ -183,6 +183,19 @@ def test_wide_rows_are_folded_in_channel_blocks_exactly(threads, dtype):
         torch.set_num_threads(old)
 
 
+@pytest.mark.parametrize("dtype,rows,C", [(torch.float32, 65539, 64), (torch.bfloat16, 37459, 224)], ids=str)
+def test_few_channels_from_memory_use_long_virtual_rows_exactly(dtype, rows, C):
+    """Inputs of 16 MB or more with few channels are read as virtual rows of >= 4096 values (the
+    CPU kernel's kLongRow; smaller inputs use 512): same statistics and histogram."""
+    if not native_on("cpu"):
+        pytest.skip("no native CPU kernel")
+    x = _special(_make((rows, C), dtype, "cpu", kind="heavy"))
+    assert x.numel() * x.element_size() >= 16 << 20
+    a = ChannelStats().update(x).update(x[: rows // 2])
+    r = ChannelStats(backend="reference").update(x).update(x[: rows // 2])
+    assert_stats_match(a, r, dtype)
+
+
 def test_slots_of_threads_that_ran_no_task_are_not_merged():
     """With more torch threads than tasks, some per-thread slots take no task: their buffers (kept
     between calls, so holding an earlier call's numbers) must not reach the state."""
