@@ -196,6 +196,31 @@ def test_few_channels_from_memory_use_long_virtual_rows_exactly(dtype, rows, C):
     assert_stats_match(a, r, dtype)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("hw", [(7, 7), (3, 5), (16, 16)], ids=str)
+def test_short_runs_of_nchw_inputs_exactly(threads, dtype, hw):
+    """NCHW with small maps (each channel a run of 9 to 256 values per sample, many runs per
+    channel and thread): NaN/Inf/huge values in some runs go through the masked path, the other
+    runs and the histograms stay exact."""
+    if not native_on("cpu"):
+        pytest.skip("no native CPU kernel")
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = _make((48, 37) + hw, dtype, "cpu", kind="heavy")
+        x[3, 5, 0, 0] = float("nan")
+        x[40, 5, -1, -1] = float("inf")
+        x[20, 7] = torch.finfo(dtype).max
+        x[7, 11, 1, 1] = -float("inf")
+        for bins, cbins in ((0, 0), (2048, 16)):
+            a = ChannelStats(axis=1, bins=bins, channel_bins=cbins).update(x).update(x[:5] * 2)
+            r = ChannelStats(axis=1, bins=bins, channel_bins=cbins, backend="reference").update(x).update(x[:5] * 2)
+            assert_stats_match(a, r, dtype)
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_slots_of_threads_that_ran_no_task_are_not_merged():
     """With more torch threads than tasks, some per-thread slots take no task: their buffers (kept
     between calls, so holding an earlier call's numbers) must not reach the state."""
