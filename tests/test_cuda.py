@@ -116,6 +116,7 @@ def test_rows_kernel_v2_matches_reference(monkeypatch, shape, dtype, bins):
 def test_rows_kernel_v2_is_the_kernel_that_runs(monkeypatch):
     """The environment switch selects the kernel (so the test above tests version 2)."""
     _native_cuda()
+    monkeypatch.setenv("CALIBFAST_CUDA_ROWS", "1")  # (gpu_check.sh also runs the suite with 2 set)
     x = torch.randn(512, 1024, device="cuda", dtype=torch.bfloat16)
     s = ChannelStats().update(x)
     v1 = _kernel_names(lambda: s.update(x))
