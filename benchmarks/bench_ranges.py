@@ -15,6 +15,7 @@ Medians of repeated calls (warm-up first); speed-ups are ModelOpt's median over 
 """
 
 import argparse
+import importlib.util
 import os
 import platform
 import statistics
@@ -25,7 +26,10 @@ import warnings
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+# This checkout's calibfast when none is importable (a fresh clone run without installing); an
+# importable one (installed, or another build on PYTHONPATH for an A/B comparison) is left first.
+if importlib.util.find_spec("calibfast") is None:
+    sys.path.insert(0, ROOT)
 
 import calibfast  # noqa: E402
 from calibfast import _ops  # noqa: E402

@@ -67,6 +67,9 @@ struct Layout {
   int64_t run = 1;             // its size
   RowOffsets outer;            // the remaining non-channel dims
   Mode mode = Mode::kRows;
+  // CPU kernels: consecutive "virtual" channels per channel of the state (NCHW inputs with small
+  // maps read as rows of C x H x W virtual channels; 1 otherwise).
+  int64_t group = 1;
 };
 
 // Collapse the non-channel dims of `x` (in memory order of their position), returning false when

@@ -200,9 +200,10 @@ def test_few_channels_from_memory_use_long_virtual_rows_exactly(dtype, rows, C):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("hw", [(7, 7), (3, 5), (16, 16)], ids=str)
 def test_short_runs_of_nchw_inputs_exactly(threads, dtype, hw):
-    """NCHW with small maps (each channel a run of 9 to 256 values per sample, many runs per
-    channel and thread): NaN/Inf/huge values in some runs go through the masked path, the other
-    runs and the histograms stay exact."""
+    """NCHW with small maps (each channel a run of 15 to 256 values per sample): read as rows of
+    C x H x W virtual channels folded group by group into the channels (8 samples or more), or by
+    the run kernel (5 samples; per-channel histograms). NaN/Inf/huge values in some runs go through
+    the masked path; everything stays exact."""
     if not native_on("cpu"):
         pytest.skip("no native CPU kernel")
     old = torch.get_num_threads()
@@ -213,7 +214,7 @@ def test_short_runs_of_nchw_inputs_exactly(threads, dtype, hw):
         x[40, 5, -1, -1] = float("inf")
         x[20, 7] = torch.finfo(dtype).max
         x[7, 11, 1, 1] = -float("inf")
-        for bins, cbins in ((0, 0), (2048, 16)):
+        for bins, cbins in ((0, 0), (2048, 0), (2048, 16)):  # (per-channel histograms: the run kernel)
             a = ChannelStats(axis=1, bins=bins, channel_bins=cbins).update(x).update(x[:5] * 2)
             r = ChannelStats(axis=1, bins=bins, channel_bins=cbins, backend="reference").update(x).update(x[:5] * 2)
             assert_stats_match(a, r, dtype)

@@ -41,8 +41,35 @@ static inline void fold_arrays(int64_t n, acc_t* __restrict__ mn, acc_t* __restr
 template <typename acc_t>
 static inline void fold_chunk(const Slot<acc_t>& s, int64_t c0, int64_t n, const acc_t* cmn, const acc_t* cmx,
                               const acc_t* camn, const acc_t* csum, const acc_t* csabs, const acc_t* cssq) {
-  fold_arrays(n, s.mn + c0, s.mx + c0, s.amn + c0, s.sum + c0, s.sabs + c0, s.ssq + c0, cmn, cmx, camn, csum, csabs,
-              cssq);
+  if (s.group == 1) {
+    fold_arrays(n, s.mn + c0, s.mx + c0, s.amn + c0, s.sum + c0, s.sabs + c0, s.ssq + c0, cmn, cmx, camn, csum,
+                csabs, cssq);
+    return;
+  }
+  // Virtual channels c0 .. c0 + n - 1 (s.group of them a channel, possibly a partial group at
+  // either end): each group reduced, then folded into its channel.
+  const acc_t inf = std::numeric_limits<acc_t>::infinity();
+  int64_t v = 0;
+  while (v < n) {
+    const int64_t k = (c0 + v) / s.group;
+    const int64_t end = std::min(n, (k + 1) * s.group - c0);
+    acc_t mn = inf, mx = -inf, amn = inf;
+    double sm = 0, sa = 0, sq = 0;
+    for (; v < end; ++v) {
+      mn = cmn[v] < mn ? cmn[v] : mn;
+      mx = cmx[v] > mx ? cmx[v] : mx;
+      amn = camn[v] < amn ? camn[v] : amn;
+      sm += static_cast<double>(csum[v]);
+      sa += static_cast<double>(csabs[v]);
+      sq += static_cast<double>(cssq[v]);
+    }
+    s.mn[k] = mn < s.mn[k] ? mn : s.mn[k];
+    s.mx[k] = mx > s.mx[k] ? mx : s.mx[k];
+    s.amn[k] = amn < s.amn[k] ? amn : s.amn[k];
+    s.sum[k] += sm;
+    s.sabs[k] += sa;
+    s.ssq[k] += sq;
+  }
 }
 
 template <typename acc_t>
@@ -288,7 +315,7 @@ static void row_slow(const typename Ld::in_t* p, int64_t c0, int64_t n, int64_t 
   using acc_t = typename Ld::acc_t;
   for (int64_t c = 0; c < n; ++c) {
     const acc_t v = Ld::load(p[c * cs]);
-    const int64_t k = c0 + c;
+    const int64_t k = s.group == 1 ? c0 + c : (c0 + c) / s.group;
     if (std::isnan(v)) {
       s.nan[k] += 1;
     } else if (std::isinf(v)) {
