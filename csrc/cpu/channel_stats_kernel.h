@@ -38,6 +38,30 @@ static inline void fold_arrays(int64_t n, acc_t* __restrict__ mn, acc_t* __restr
   }
 }
 
+// Reduces n partial accumulators (min, max, abs-min; float sums added in float64) into channel k
+// of the slot: a run's lanes, or one channel's group of virtual channels.
+template <typename acc_t>
+static inline void reduce_into(const Slot<acc_t>& s, int64_t k, int64_t n, const acc_t* mn, const acc_t* mx,
+                               const acc_t* amn, const acc_t* sm, const acc_t* sa, const acc_t* sq) {
+  const acc_t inf = std::numeric_limits<acc_t>::infinity();
+  acc_t rmn = inf, rmx = -inf, ramn = inf;
+  double rs = 0, rsa = 0, rsq = 0;
+  for (int64_t l = 0; l < n; ++l) {
+    rmn = mn[l] < rmn ? mn[l] : rmn;
+    rmx = mx[l] > rmx ? mx[l] : rmx;
+    ramn = amn[l] < ramn ? amn[l] : ramn;
+    rs += static_cast<double>(sm[l]);
+    rsa += static_cast<double>(sa[l]);
+    rsq += static_cast<double>(sq[l]);
+  }
+  s.mn[k] = rmn < s.mn[k] ? rmn : s.mn[k];
+  s.mx[k] = rmx > s.mx[k] ? rmx : s.mx[k];
+  s.amn[k] = ramn < s.amn[k] ? ramn : s.amn[k];
+  s.sum[k] += rs;
+  s.sabs[k] += rsa;
+  s.ssq[k] += rsq;
+}
+
 template <typename acc_t>
 static inline void fold_chunk(const Slot<acc_t>& s, int64_t c0, int64_t n, const acc_t* cmn, const acc_t* cmx,
                               const acc_t* camn, const acc_t* csum, const acc_t* csabs, const acc_t* cssq) {
@@ -47,28 +71,12 @@ static inline void fold_chunk(const Slot<acc_t>& s, int64_t c0, int64_t n, const
     return;
   }
   // Virtual channels c0 .. c0 + n - 1 (s.group of them a channel, possibly a partial group at
-  // either end): each group reduced, then folded into its channel.
-  const acc_t inf = std::numeric_limits<acc_t>::infinity();
-  int64_t v = 0;
-  while (v < n) {
+  // either end): each group reduced into its channel.
+  for (int64_t v = 0; v < n;) {
     const int64_t k = (c0 + v) / s.group;
     const int64_t end = std::min(n, (k + 1) * s.group - c0);
-    acc_t mn = inf, mx = -inf, amn = inf;
-    double sm = 0, sa = 0, sq = 0;
-    for (; v < end; ++v) {
-      mn = cmn[v] < mn ? cmn[v] : mn;
-      mx = cmx[v] > mx ? cmx[v] : mx;
-      amn = camn[v] < amn ? camn[v] : amn;
-      sm += static_cast<double>(csum[v]);
-      sa += static_cast<double>(csabs[v]);
-      sq += static_cast<double>(cssq[v]);
-    }
-    s.mn[k] = mn < s.mn[k] ? mn : s.mn[k];
-    s.mx[k] = mx > s.mx[k] ? mx : s.mx[k];
-    s.amn[k] = amn < s.amn[k] ? amn : s.amn[k];
-    s.sum[k] += sm;
-    s.sabs[k] += sa;
-    s.ssq[k] += sq;
+    reduce_into(s, k, end - v, cmn + v, cmx + v, camn + v, csum + v, csabs + v, cssq + v);
+    v = end;
   }
 }
 
@@ -384,7 +392,6 @@ static void rows_range(const typename Ld::in_t* base, const calibfast::Layout& L
 template <class Ld>
 static void run_fold(const typename Ld::in_t* __restrict__ p, int64_t n, int64_t k, const Slot<typename Ld::acc_t>& s) {
   using acc_t = typename Ld::acc_t;
-  const acc_t inf = std::numeric_limits<acc_t>::infinity();
   for (int64_t b0 = 0; b0 < n; b0 += kRunBlock) {
     const int64_t bn = std::min(n - b0, kRunBlock);
     const typename Ld::in_t* __restrict__ q = p + b0;
@@ -422,22 +429,7 @@ static void run_fold(const typename Ld::in_t* __restrict__ p, int64_t n, int64_t
       for (int64_t j = 0; j < bn; ++j) row_slow<Ld>(q + j, k, 1, 0, s);
       continue;
     }
-    acc_t rmn = inf, rmx = -inf, ramn = inf;
-    double rs = 0, rsa = 0, rsq = 0;
-    for (int l = 0; l < kLanes; ++l) {
-      rmn = mn[l] < rmn ? mn[l] : rmn;
-      rmx = mx[l] > rmx ? mx[l] : rmx;
-      ramn = amn[l] < ramn ? amn[l] : ramn;
-      rs += static_cast<double>(sm[l]);
-      rsa += static_cast<double>(sa[l]);
-      rsq += static_cast<double>(sq[l]);
-    }
-    s.mn[k] = rmn < s.mn[k] ? rmn : s.mn[k];
-    s.mx[k] = rmx > s.mx[k] ? rmx : s.mx[k];
-    s.amn[k] = ramn < s.amn[k] ? ramn : s.amn[k];
-    s.sum[k] += rs;
-    s.sabs[k] += rsa;
-    s.ssq[k] += rsq;
+    reduce_into(s, k, kLanes, mn, mx, amn, sm, sa, sq);
   }
 }
 
