@@ -307,12 +307,13 @@ static T* at_least(std::vector<T>& v, int64_t n) {
 // initialises its own slot when it takes its first task (in parallel, and only the slots that run).
 template <typename acc_t>
 struct Slots {
-  int64_t C;   // the input's channels (virtual ones when Layout::group > 1)
-  int64_t Cs;  // the state's channels
+  int64_t C;      // the input's channels (virtual ones when Layout::group > 1)
+  int64_t group;  // the input's channels per channel of the state (Layout::group)
+  int64_t Cs;     // the state's channels: C / group
   int n;
-  acc_t* a = nullptr;          // [n][3][C]: min, max, absmin
-  double* d = nullptr;         // [n][3][C]: sum, sum|x|, sum x^2
-  int64_t* k = nullptr;        // [n][2][C]: nan, inf
+  acc_t* a = nullptr;          // [n][3][Cs]: min, max, absmin
+  double* d = nullptr;         // [n][3][Cs]: sum, sum|x|, sum x^2
+  int64_t* k = nullptr;        // [n][2][Cs]: nan, inf
   acc_t* scratch = nullptr;    // [n][6][C]: chunk accumulators of the row kernels
   int32_t* hsub = nullptr;     // [n][kSubHists][B]: global histogram counters  } in the
   int32_t* csub = nullptr;     // [n][C][N]: per-channel histogram counters     } counter cache
@@ -325,10 +326,10 @@ struct Slots {
   int64_t* hist_out;
   int64_t* chist_out;
 
-  // C_: the input's (virtual) channels; Cs_: the state's (C_ / Layout::group; -1: C_).
-  Slots(int64_t C_, int n_, bool stats, bool rows, int64_t B_, bool table, int64_t N_, int64_t* hist, int64_t* chist,
-        int64_t Cs_ = -1)
-      : C(C_), Cs(Cs_ < 0 ? C_ : Cs_), n(n_), B(B_), N(N_), HB(table ? kTab : B_), hist_out(hist), chist_out(chist) {
+  Slots(int64_t C_, int64_t group_, int n_, bool stats, bool rows, int64_t B_, bool table, int64_t N_, int64_t* hist,
+        int64_t* chist)
+      : C(C_), group(group_), Cs(C_ / group_), n(n_), B(B_), N(N_), HB(table ? kTab : B_), hist_out(hist),
+        chist_out(chist) {
     SlotBuffers<acc_t>& buf = slot_buffers<acc_t>();
     if (stats) {
       a = at_least(buf.a, 3 * Cs * n);
@@ -363,6 +364,7 @@ struct Slots {
   Slot<acc_t> slot(int t, const Slot<acc_t>& hist_args) {
     TORCH_INTERNAL_ASSERT(t >= 0 && t < n, "calibfast: thread index ", t, " outside ", n, " slots");
     Slot<acc_t> s = hist_args;
+    s.group = group;
     if (a != nullptr) {
       init_slot(t);
       s.mn = a + 3 * Cs * t;
@@ -427,8 +429,8 @@ static void run_pass(const at::Tensor& x, const Layout& L, bool stats, const Slo
   const int nthreads = serial ? 1 : std::max(1, at::get_num_threads());
   auto slot_index = [serial]() { return serial ? 0 : at::get_thread_num(); };
   const void* data = x.const_data_ptr();
-  Slots<acc_t> slots(C, nthreads, stats, L.mode != Mode::kRuns, hargs.B, hargs.table, hargs.N, hist, chist,
-                     C / L.group);
+  Slots<acc_t> slots(C, L.group, nthreads, stats, L.mode != Mode::kRuns, hargs.B, hargs.table, hargs.N, hist,
+                     chist);
 
 #if CALIBFAST_X86_VARIANTS
 #define CALIBFAST_ISA_CALL(fn, ...)                          \
@@ -465,7 +467,6 @@ static void run_pass(const at::Tensor& x, const Layout& L, bool stats, const Slo
     auto task = [&](int64_t r0, int64_t r1, int64_t c0, int64_t n) {
       const int t = slot_index();
       auto s = slots.slot(t, hargs);
-      s.group = L.group;
       acc_t* scratch = stats ? slots.scratch_for(t) : nullptr;  // nullptr: histograms only
       CALIBFAST_ISA_CALL(rows_task, data, L, r0, r1, c0, n, s, scratch)
     };
