@@ -250,14 +250,14 @@ def arm_context(arm, model, device):
     if arm == "plain":
         yield None, [], False
     elif arm == "noop":
-        yield None, [m for _, m in _linears(model)], False
+        yield None, [m for _, m in _linears(model)], True
     elif arm in ("calibfast", "calibfast_stats", "calibfast_noshare"):
         import calibfast
 
         with calibfast.collect(model, bins=0 if arm == "calibfast_stats" else 2048,
                                share_inputs=arm != "calibfast_noshare") as col:
             names = set(col.inputs)
-            yield col, [m for n, m in model.named_modules() if n in names], False
+            yield col, [m for n, m in model.named_modules() if n in names], True  # inputs: pre-hooks
     elif arm == "modelopt":
         MaxCalibrator, HistogramCalibrator, _ = _import_modelopt()
         cals = {}
@@ -317,7 +317,7 @@ def run_pass(arm, model, batches, call, device):
     number of hooked modules)."""
     from calibfast.hooks import _HookTimer
 
-    with arm_context(arm, model, device) as (state, mods, pre), _HookTimer(mods, pre) as timer:
+    with arm_context(arm, model, device) as (state, mods, pre), _HookTimer(mods, pre=pre, post=not pre) as timer:
         _sync(device)
         t0 = time.perf_counter()
         for b in batches:

@@ -157,9 +157,15 @@ class ChannelStats:
             for name in _TENSORS:
                 setattr(self, name, None)
             return self
-        with torch.inference_mode(False):
-            for name in _TENSORS:
-                src, dst = getattr(other, name), getattr(self, name)
+        srcs = [getattr(other, name) for name in _TENSORS]
+        dsts = [getattr(self, name) for name in _TENSORS]
+        if all(d is not None and d.shape == s.shape and d.device == s.device for s, d in zip(srcs, dsts)):
+            # The common case (collect()'s shared inputs, every batch after the first): one call
+            # for all seven tensors. Copying into normal tensors is allowed in inference mode.
+            torch._foreach_copy_(dsts, srcs)
+            return self
+        with torch.inference_mode(False):  # clones: normal tensors even under inference mode
+            for name, src, dst in zip(_TENSORS, srcs, dsts):
                 if dst is None or dst.shape != src.shape or dst.device != src.device:
                     setattr(self, name, src.clone())
                 else:

@@ -50,7 +50,7 @@ def test_hooks_removed_when_body_raises_and_stats_kept():
         with calibfast.collect(model, capture="both") as c:
             model(torch.randn(2, 3, 6, 6))
             raise RuntimeError("boom")
-    assert all(not m._forward_hooks for m in model.modules())
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
     assert c.inputs["0"].num_channels == 3 and c.outputs["0"].num_channels == 8
     assert c.inputs["2"].num_channels == 128
 
@@ -80,3 +80,21 @@ def test_input_hessian_matches_xtx():
     assert set(c.hessians) == {"0", "2"}
     with pytest.raises(RuntimeError, match="seen no input"):
         calibfast.hooks.InputHessian().hessian()
+
+
+class _ScalesItsInputInPlace(nn.Module):
+    def forward(self, x):
+        return x.mul_(10.0)
+
+
+def test_input_is_read_before_the_module_runs():
+    # Inputs are captured by forward pre-hooks: a module that writes into its input (an in-place
+    # activation, say) must not change the statistics of the input it was given.
+    model = nn.Sequential(nn.Linear(4, 4), _ScalesItsInputInPlace())
+    x = torch.randn(8, 4)
+    with calibfast.collect(model, modules=lambda name, m: name == "1", capture="both") as col:
+        y = model(x)
+    want = model[0](x).detach()
+    assert torch.equal(col.inputs["1"].max, want.amax(0))
+    assert torch.equal(col.outputs["1"].max, y.detach().amax(0))
+    assert torch.equal(col.outputs["1"].max, 10.0 * want.amax(0))

@@ -51,7 +51,7 @@ def assert_same_collectors(native, ref):
 
 
 def _no_hooks(model):
-    return all(len(m._forward_hooks) == 0 for m in model.modules())
+    return all(len(m._forward_hooks) == 0 and len(m._forward_pre_hooks) == 0 for m in model.modules())
 
 
 # ---- MiniLM on real text --------------------------------------------------------------------
@@ -213,7 +213,7 @@ def test_module_selection():
     with calibfast.collect(model, modules=["c2", "body.2"]) as col:
         _run(model, g)
     assert list(col) == ["c2", "body.2"]
-    assert len(model.c1._forward_hooks) == 0
+    assert len(model.c1._forward_hooks) == 0 and len(model.c1._forward_pre_hooks) == 0
     with calibfast.collect(model, modules=(nn.Conv2d, nn.Conv3d)) as col:
         _run(model, g)
     assert set(col) == {"c2", "c3"}
@@ -243,10 +243,11 @@ def test_hooks_removed_when_body_raises():
     hooked = [model.c1, model.c2, model.c3, model.body[0], model.body[2]]
     with pytest.raises(RuntimeError, match="boom"):
         with calibfast.collect(model, capture="both") as col:
-            assert all(len(m._forward_hooks) == 1 for m in hooked)
+            # inputs: one forward pre-hook; outputs: one forward hook
+            assert all(len(m._forward_pre_hooks) == 1 and len(m._forward_hooks) == 1 for m in hooked)
             _run(model, g)
             raise RuntimeError("boom")
-    assert all(len(m._forward_hooks) == 0 for m in hooked)
+    assert all(len(m._forward_hooks) == 0 and len(m._forward_pre_hooks) == 0 for m in hooked)
     assert _no_hooks(model)
     assert col["c1"].initialized  # the statistics stay
     before = col["c1"].count.clone()
