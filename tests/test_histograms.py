@@ -171,6 +171,42 @@ def test_first_update_with_outliers_outside_the_sampled_rows(dtype):
     assert torch.equal(a.hist, _oracle_hist(x.unsqueeze(0), 2, 2048, 10))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("beyond", [1, 300, 5000, 60000])
+@pytest.mark.parametrize("first", [False, True])
+@pytest.mark.parametrize("shape,axis", [((4096, 24), -1), ((1024, 700), -1), ((16, 24, 300), 1), ((700, 90), 0)])
+def test_values_beyond_a_growing_range_are_binned_exactly(dtype, beyond, first, shape, axis):
+    # The range grows inside an update: by a second update whose `beyond` values lie far outside
+    # the first one's range, or (first=True) in a first update whose sampled rows (the first
+    # 1/64) are all small. The values beyond the old range are kept while the input is read (up
+    # to a cap per thread: 60000 exceeds it in at least one of two threads, and the input is
+    # then read a second time) and binned with the final range: either way the counts must be
+    # the reference's, bit for bit.
+    g = torch.Generator().manual_seed(beyond + 7 * first)
+    x1 = (torch.rand(shape, generator=g, dtype=torch.float64) * 0.9).to(dtype)
+    x2 = torch.rand(shape, generator=g, dtype=torch.float64) * 0.9
+    flat = x2.view(-1)
+    n = x2.numel()
+    lo = n // 32 if first else 0  # keep the sampled rows small (rows are the leading dims here)
+    if axis == 0:
+        lo = 0 if not first else n // 32  # dim 0 is the channel axis: rows are columns; no sample
+    pos = lo + torch.randperm(n - lo, generator=g)[:beyond]
+    sign = torch.where(torch.rand(len(pos), generator=g) < 0.5, -1.0, 1.0).double()
+    flat[pos] = sign * torch.exp2(torch.randint(0, 21, (len(pos),), generator=g).double()) * \
+        (1.0 + torch.rand(len(pos), generator=g, dtype=torch.float64))
+    flat[pos[: len(pos) // 100]] = float("nan")
+    x2 = x2.to(dtype)
+    a = ChannelStats(axis=axis, bins=2048)
+    b = ChannelStats(axis=axis, bins=2048, backend="reference")
+    for x in ((x2,) if first else (x1, x2)):
+        a.update(x)
+        b.update(x)
+    assert int(a.hist_exp) == int(b.hist_exp) >= 1  # grew from [0, 1)
+    assert torch.equal(a.hist, b.hist)
+    nan = len(pos) // 100
+    assert int(a.hist.sum()) == (1 if first else 2) * n - nan
+
+
 def test_float64_values_just_below_a_power_of_two_follow_the_float32_range():
     # 1 - 2^-40 rounds to 1.0 in float32 (the state's amax): the range is [0, 2), not [0, 1)
     x = torch.full((70000, 3), 1.0 - 2.0 ** -40, dtype=torch.float64)

@@ -42,6 +42,9 @@ constexpr int64_t kTab = int64_t(1) << 15;
 // kept this far apart (two threads' counters in one line cost a line transfer per write).
 constexpr int64_t kLine = 8;
 constexpr int64_t kTableMinValues = int64_t(1) << 20;  // below: bin directly (the table's fixed cost)
+// Values beyond the global histogram's range kept per thread in a pass whose range may grow
+// (16 K floats, 64 KB; more in one thread: the call reads the input a second time instead).
+constexpr int64_t kBeyondCap = int64_t(1) << 14;
 
 // ---- loads: exact conversions to the accumulation type -------------------------------------
 struct LoadF32 {
@@ -129,6 +132,12 @@ struct Slot {
   const acc_t* clo = nullptr;     // [C]
   int32_t* csub = nullptr;        // [C][N]
   int32_t* idx = nullptr;         // scratch: max(C, kRunBlock, kChunk * kTileC) bin indices
+  // Values beyond the global range, kept while the call's range may still grow (keep_beyond):
+  // Slots::slot points these at this thread's part of the call's buffer (nullptr: not kept).
+  acc_t ovf_at = 0;               // |x| >= this: beyond the range
+  acc_t* ovf = nullptr;           // [ovf_cap]
+  int64_t* ovf_n = nullptr;       // how many this thread met (beyond ovf_cap: not all kept)
+  int64_t ovf_cap = 0;
   int64_t* pending = nullptr;     // values binned since the last flush
   int64_t* hist_out = nullptr;    // the op's state: [B]
   int64_t* chist_out = nullptr;   // the op's state: [C][N]
@@ -284,6 +293,7 @@ struct SlotBuffers {
   std::vector<double> d;
   std::vector<int64_t> k;
   std::vector<int32_t> idx;
+  std::vector<acc_t> beyond;  // values beyond the global range (update_typed's pass 1)
 };
 
 template <typename acc_t>
@@ -377,6 +387,10 @@ struct Slots {
       s.inf = s.nan + Cs;
     }
     s.C = C;
+    if (s.ovf != nullptr) {
+      s.ovf += s.ovf_cap * t;
+      s.ovf_n += kLine * t;
+    }
     if (B) s.hsub = hsub + kSubHists * HB * t;
     if (N) s.csub = csub + N * C * t;
     if (B || N) {
@@ -570,6 +584,8 @@ static void update_typed(const at::Tensor& x, const Layout& L, float* fst, doubl
   Slot<acc_t> h1{};
   std::vector<acc_t> cscale, clo;
   std::vector<int64_t> raw;
+  acc_t* beyond = nullptr;        // [threads][kBeyondCap]: values beyond pass 1's global range
+  std::vector<int64_t> beyond_n;  // [threads][kLine]
   bool table = false;
   if constexpr (Ld::kTable) table = B && L.rows * C >= kTableMinValues;
   // The range pass 1 bins the global histogram with: the current one, or for an empty histogram
@@ -591,6 +607,15 @@ static void update_typed(const at::Tensor& x, const Layout& L, float* fst, doubl
     h1.B = B;
     h1.hscale = bin_scale<acc_t>(B, e_start);
     h1.hlo = acc_t(0);
+    // Values beyond this range are kept (up to kBeyondCap a thread) and binned after the pass
+    // with the final range: a range that grows needs no second read unless a thread meets more.
+    const int64_t threads = std::max(1, at::get_num_threads());
+    beyond = at_least(slot_buffers<acc_t>().beyond, threads * kBeyondCap);  // kept between calls
+    beyond_n.assign(threads * kLine, 0);
+    h1.ovf_at = static_cast<acc_t>(std::ldexp(1.0, static_cast<int>(e_start)));
+    h1.ovf = beyond;
+    h1.ovf_n = beyond_n.data();
+    h1.ovf_cap = kBeyondCap;
   }
   if (N) {
     cscale.resize(C);
@@ -639,10 +664,28 @@ static void update_typed(const at::Tensor& x, const Layout& L, float* fst, doubl
       }
     }
     if (e_new != e_at && !table) {
-      again = true;
-      h2.B = B;
-      h2.hscale = bin_scale<acc_t>(B, e_new);
-      h2.hlo = lower_bound_for<acc_t>(e_at);
+      // What pass 1 did not bin lies at or beyond 2^e_at (or is not finite): bin it with the new
+      // range from the kept values when every thread kept all of its own, else read it again.
+      bool kept = h1.ovf != nullptr;
+      for (size_t t = 0; kept && t < beyond_n.size(); t += kLine) kept = beyond_n[t] <= kBeyondCap;
+      if (kept) {
+        const acc_t sc = bin_scale<acc_t>(B, e_new);
+        const acc_t Bf = static_cast<acc_t>(B);
+        for (size_t t = 0; t < beyond_n.size(); t += kLine) {
+          const acc_t* v = beyond + (t / kLine) * kBeyondCap;
+          for (int64_t j = 0; j < beyond_n[t]; ++j) {
+            acc_t f = v[j] * sc;  // as bin_indices: floor(|x| * scale), B and above not binned
+            f = f < Bf ? f : Bf;
+            const int64_t b = static_cast<int64_t>(f);
+            if (b < B) hist[b] += 1;
+          }
+        }
+      } else {
+        again = true;
+        h2.B = B;
+        h2.hscale = bin_scale<acc_t>(B, e_new);
+        h2.hlo = lower_bound_for<acc_t>(e_at);
+      }
     }
   }
   if (N) {

@@ -100,18 +100,42 @@ static inline void init_chunk(int64_t n, acc_t* __restrict__ cmn, acc_t* __restr
 // Bin indices of n values (stride cs) for the global histogram: floor(|x| * scale) when |x| >= lo
 // and the result is < B, else B (not binned: NaN, Inf, values beyond the range or below lo).
 // Written without undefined float->int conversions so that it vectorises.
+// Returns the largest index written (B: some value was not binned).
 template <class Ld, bool kUnit>
-static inline void bin_indices(const typename Ld::in_t* __restrict__ p, int64_t n, int64_t cs, typename Ld::acc_t scale,
-                               typename Ld::acc_t lo, int64_t B, int32_t* __restrict__ out) {
+static inline int32_t bin_indices(const typename Ld::in_t* __restrict__ p, int64_t n, int64_t cs,
+                                  typename Ld::acc_t scale, typename Ld::acc_t lo, int64_t B,
+                                  int32_t* __restrict__ out) {
   using acc_t = typename Ld::acc_t;
   const acc_t Bf = static_cast<acc_t>(B);
   const int32_t Bi = static_cast<int32_t>(B);
+  int32_t top = 0;
   for (int64_t c = 0; c < n; ++c) {
     const acc_t a = std::fabs(Ld::load(p[kUnit ? c : c * cs]));
     acc_t f = a * scale;
     f = f < Bf ? f : Bf;
-    const int32_t i = static_cast<int32_t>(f);
-    out[c] = a >= lo ? i : Bi;
+    const int32_t i = a >= lo ? static_cast<int32_t>(f) : Bi;
+    out[c] = i;
+    top = i > top ? i : top;
+  }
+  return top;
+}
+
+// Values beyond the global histogram's range during a pass whose range may still grow (s.ovf set):
+// the finite |x| >= s.ovf_at of n values (stride cs) are kept in this thread's buffer, to be
+// binned once the call's final range is known, instead of reading the whole input again. A
+// thread that has more than s.ovf_cap of them only counts them (the call then makes the second
+// pass). Called only when bin_indices reported an unbinned value: rare outside a growing range.
+template <class Ld, bool kUnit>
+static inline void keep_beyond(const typename Ld::in_t* __restrict__ p, int64_t n, int64_t cs,
+                               const Slot<typename Ld::acc_t>& s) {
+  using acc_t = typename Ld::acc_t;
+  const acc_t inf = std::numeric_limits<acc_t>::infinity();
+  for (int64_t c = 0; c < n; ++c) {
+    const acc_t a = std::fabs(Ld::load(p[kUnit ? c : c * cs]));
+    if (a >= s.ovf_at && a < inf) {
+      if (*s.ovf_n < s.ovf_cap) s.ovf[*s.ovf_n] = a;
+      *s.ovf_n += 1;
+    }
   }
 }
 
@@ -187,8 +211,9 @@ static inline void hist_row(const typename Ld::in_t* p, int64_t n, int64_t cs, c
       return;
     }
   }
-  bin_indices<Ld, kUnit>(p, n, cs, s.hscale, s.hlo, s.B, s.idx);
+  const int32_t top = bin_indices<Ld, kUnit>(p, n, cs, s.hscale, s.hlo, s.B, s.idx);
   scatter_global(s.idx, n, s.B, s.hsub);
+  if (s.ovf != nullptr && top >= s.B) keep_beyond<Ld, kUnit>(p, n, cs, s);
   s.note_binned(n);
 }
 
@@ -205,8 +230,11 @@ static inline void hist_rows(const typename Ld::in_t* const* p, int R, int64_t n
     for (int i = 0; i < R; ++i) hist_row<Ld, kUnit>(p[i], n, cs, s);
     return;
   }
-  for (int i = 0; i < R; ++i) bin_indices<Ld, kUnit>(p[i], n, cs, s.hscale, s.hlo, s.B, s.idx + i * n);
+  int32_t top = 0;
+  for (int i = 0; i < R; ++i) top = std::max(top, bin_indices<Ld, kUnit>(p[i], n, cs, s.hscale, s.hlo, s.B, s.idx + i * n));
   scatter_global(s.idx, n * R, s.B, s.hsub);
+  if (s.ovf != nullptr && top >= s.B)
+    for (int i = 0; i < R; ++i) keep_beyond<Ld, kUnit>(p[i], n, cs, s);
   s.note_binned(n * R);
 }
 
@@ -264,8 +292,9 @@ static inline void hist_run(const typename Ld::in_t* p, int64_t n, int64_t k, co
       }
     }
     if (!done) {
-      bin_indices<Ld, true>(p, n, 1, s.hscale, s.hlo, s.B, s.idx);
+      const int32_t top = bin_indices<Ld, true>(p, n, 1, s.hscale, s.hlo, s.B, s.idx);
       scatter_global(s.idx, n, s.B, s.hsub);
+      if (s.ovf != nullptr && top >= s.B) keep_beyond<Ld, true>(p, n, 1, s);
     }
   }
   if (s.N) {
