@@ -207,6 +207,35 @@ def test_values_beyond_a_growing_range_are_binned_exactly(dtype, beyond, first, 
     assert int(a.hist.sum()) == (1 if first else 2) * n - nan
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("beyond", [1, 300, 60000])
+@pytest.mark.parametrize("shape,axis", [((2048, 40), -1), ((900, 33), 0), ((3, 40, 700), 1), ((5, 6, 7, 40), -1)])
+def test_values_beyond_growing_channel_ranges_are_binned_exactly(dtype, beyond, shape, axis):
+    # Per-channel histograms: every channel has a range after update 1; update 2 puts `beyond`
+    # values far outside their channel's range (channels grow by different numbers of octaves,
+    # some not at all). Kept and binned after the pass (or, past the per-thread cap, read a
+    # second time): per-channel and global counts must equal the reference's, bit for bit.
+    g = torch.Generator().manual_seed(beyond + 11)
+    x1 = (torch.rand(shape, generator=g, dtype=torch.float64) * 0.9).to(dtype)
+    x2 = torch.rand(shape, generator=g, dtype=torch.float64) * 0.9
+    flat = x2.view(-1)
+    pos = torch.randperm(flat.numel(), generator=g)[:beyond]
+    flat[pos] = torch.exp2(torch.randint(0, 12, (len(pos),), generator=g).double()) * \
+        (1.0 + torch.rand(len(pos), generator=g, dtype=torch.float64))
+    flat[pos[: len(pos) // 50]] = float("inf")
+    x2 = x2.to(dtype)
+    a = ChannelStats(axis=axis, bins=512, channel_bins=64)
+    b = ChannelStats(axis=axis, bins=512, channel_bins=64, backend="reference")
+    for x in (x1, x2):
+        a.update(x)
+        b.update(x)
+    assert torch.equal(a.channel_hist_exp, b.channel_hist_exp)
+    assert int(a.channel_hist_exp.max()) >= 1  # some channel grew from [0, 1)
+    assert torch.equal(a.channel_hist, b.channel_hist)
+    assert torch.equal(a.hist, b.hist)
+    assert int(a.channel_hist.sum()) == 2 * x1.numel() - len(pos) // 50
+
+
 def test_float64_values_just_below_a_power_of_two_follow_the_float32_range():
     # 1 - 2^-40 rounds to 1.0 in float32 (the state's amax): the range is [0, 2), not [0, 1)
     x = torch.full((70000, 3), 1.0 - 2.0 ** -40, dtype=torch.float64)

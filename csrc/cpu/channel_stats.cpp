@@ -138,6 +138,12 @@ struct Slot {
   acc_t* ovf = nullptr;           // [ovf_cap]
   int64_t* ovf_n = nullptr;       // how many this thread met (beyond ovf_cap: not all kept)
   int64_t ovf_cap = 0;
+  // The same for the per-channel histograms: (channel, |x|) of values beyond their channel's range.
+  const acc_t* covf_at = nullptr;  // [C]
+  int64_t* covf_c = nullptr;       // [covf_cap]
+  acc_t* covf_v = nullptr;         // [covf_cap]
+  int64_t* covf_n = nullptr;
+  int64_t covf_cap = 0;
   int64_t* pending = nullptr;     // values binned since the last flush
   int64_t* hist_out = nullptr;    // the op's state: [B]
   int64_t* chist_out = nullptr;   // the op's state: [C][N]
@@ -294,6 +300,8 @@ struct SlotBuffers {
   std::vector<int64_t> k;
   std::vector<int32_t> idx;
   std::vector<acc_t> beyond;  // values beyond the global range (update_typed's pass 1)
+  std::vector<acc_t> cbeyond;  // ... beyond their channel's range
+  std::vector<int64_t> cbeyond_c;  // ... and their channels
 };
 
 template <typename acc_t>
@@ -390,6 +398,11 @@ struct Slots {
     if (s.ovf != nullptr) {
       s.ovf += s.ovf_cap * t;
       s.ovf_n += kLine * t;
+    }
+    if (s.covf_c != nullptr) {
+      s.covf_c += s.covf_cap * t;
+      s.covf_v += s.covf_cap * t;
+      s.covf_n += kLine * t;
     }
     if (B) s.hsub = hsub + kSubHists * HB * t;
     if (N) s.csub = csub + N * C * t;
@@ -617,20 +630,37 @@ static void update_typed(const at::Tensor& x, const Layout& L, float* fst, doubl
     h1.ovf_n = beyond_n.data();
     h1.ovf_cap = kBeyondCap;
   }
+  std::vector<acc_t> covf_at;
+  std::vector<int64_t> cbeyond_n;
   if (N) {
     cscale.resize(C);
     clo.resize(C);
-    bool any = false;
+    bool any = false, all = true;
     for (int64_t c = 0; c < C; ++c) {
       const bool empty = chexp[c] == kEmptyExp;
       cscale[c] = empty ? acc_t(0) : bin_scale<acc_t>(N, chexp[c]);
       clo[c] = empty ? inf : acc_t(0);
       any |= !empty;
+      all &= !empty;
     }
     if (any) {
       h1.N = N;
       h1.cscale = cscale.data();
       h1.clo = clo.data();
+    }
+    if (all) {
+      // Every channel has a range: values beyond their channel's are kept as for the global
+      // histogram (an empty channel would need all of its values: the second pass does that).
+      covf_at.resize(C);
+      for (int64_t c = 0; c < C; ++c) covf_at[c] = static_cast<acc_t>(std::ldexp(1.0, static_cast<int>(chexp[c])));
+      const int64_t threads = std::max(1, at::get_num_threads());
+      SlotBuffers<acc_t>& buf = slot_buffers<acc_t>();
+      h1.covf_v = at_least(buf.cbeyond, threads * kBeyondCap);
+      h1.covf_c = at_least(buf.cbeyond_c, threads * kBeyondCap);
+      cbeyond_n.assign(threads * kLine, 0);
+      h1.covf_n = cbeyond_n.data();
+      h1.covf_at = covf_at.data();
+      h1.covf_cap = kBeyondCap;
     }
   }
   run_pass<Ld>(x, L, true, h1, fst, dst, ist, hist, chist);
@@ -700,7 +730,25 @@ static void update_typed(const at::Tensor& x, const Layout& L, float* fst, doubl
       clo[c] = e_new != e_old ? lower_bound_for<acc_t>(e_old) : inf;  // inf: nothing left to bin
       any |= e_new != e_old;
     }
-    if (any) {
+    bool kept = h1.covf_c != nullptr;
+    for (size_t t = 0; kept && t < cbeyond_n.size(); t += kLine) kept = cbeyond_n[t] <= kBeyondCap;
+    if (any && kept) {
+      // Bin the kept values of the channels whose range grew with their new range (what the
+      // second pass would bin: clo = 2^e_old there, and nothing for the channels that did not).
+      const acc_t Nf = static_cast<acc_t>(N);
+      for (size_t t = 0; t < cbeyond_n.size(); t += kLine) {
+        const int64_t* kc = h1.covf_c + (t / kLine) * kBeyondCap;
+        const acc_t* kv = h1.covf_v + (t / kLine) * kBeyondCap;
+        for (int64_t j = 0; j < cbeyond_n[t]; ++j) {
+          const int64_t c = kc[j];
+          if (chexp[c] == chexp[C + c]) continue;
+          acc_t f = kv[j] * cscale[c];
+          f = f < Nf ? f : Nf;
+          const int64_t b = static_cast<int64_t>(f);
+          if (b < N) chist[c * N + b] += 1;
+        }
+      }
+    } else if (any) {
       again = true;
       h2.N = N;
       h2.cscale = cscale.data();

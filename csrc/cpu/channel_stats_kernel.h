@@ -139,20 +139,45 @@ static inline void keep_beyond(const typename Ld::in_t* __restrict__ p, int64_t 
   }
 }
 
-// Same, with a scale and lower bound per channel (channel c0 + c).
+// Same, with a scale and lower bound per channel (channel c0 + c). Returns the largest index.
 template <class Ld, bool kUnit>
-static inline void channel_bin_indices(const typename Ld::in_t* __restrict__ p, int64_t n, int64_t cs,
-                                       const typename Ld::acc_t* __restrict__ scale,
-                                       const typename Ld::acc_t* __restrict__ lo, int64_t N, int32_t* __restrict__ out) {
+static inline int32_t channel_bin_indices(const typename Ld::in_t* __restrict__ p, int64_t n, int64_t cs,
+                                          const typename Ld::acc_t* __restrict__ scale,
+                                          const typename Ld::acc_t* __restrict__ lo, int64_t N,
+                                          int32_t* __restrict__ out) {
   using acc_t = typename Ld::acc_t;
   const acc_t Nf = static_cast<acc_t>(N);
   const int32_t Ni = static_cast<int32_t>(N);
+  int32_t top = 0;
   for (int64_t c = 0; c < n; ++c) {
     const acc_t a = std::fabs(Ld::load(p[kUnit ? c : c * cs]));
     acc_t f = a * scale[c];
     f = f < Nf ? f : Nf;
-    const int32_t i = static_cast<int32_t>(f);
-    out[c] = a >= lo[c] ? i : Ni;
+    const int32_t i = a >= lo[c] ? static_cast<int32_t>(f) : Ni;
+    out[c] = i;
+    top = i > top ? i : top;
+  }
+  return top;
+}
+
+// The per-channel counterpart of keep_beyond: the finite |x| >= s.covf_at[channel] of n values
+// of channels c0 .. c0 + n - 1 (stride cs; c0 alone when kRun: a run of one channel), kept with
+// their channel in this thread's buffer.
+template <class Ld, bool kUnit, bool kRun>
+static inline void keep_beyond_channels(const typename Ld::in_t* __restrict__ p, int64_t n, int64_t cs, int64_t c0,
+                                        const Slot<typename Ld::acc_t>& s) {
+  using acc_t = typename Ld::acc_t;
+  const acc_t inf = std::numeric_limits<acc_t>::infinity();
+  for (int64_t c = 0; c < n; ++c) {
+    const int64_t k = kRun ? c0 : c0 + c;
+    const acc_t a = std::fabs(Ld::load(p[kUnit ? c : c * cs]));
+    if (a >= s.covf_at[k] && a < inf) {
+      if (*s.covf_n < s.covf_cap) {
+        s.covf_c[*s.covf_n] = k;
+        s.covf_v[*s.covf_n] = a;
+      }
+      *s.covf_n += 1;
+    }
   }
 }
 
@@ -265,8 +290,9 @@ static void channel_hist_rows(const typename Ld::in_t* base, const calibfast::La
     const int64_t tn = std::min(kTileC, n - t0);
     const int64_t ca = c0 + t0;
     for (int64_t r = 0; r < R; ++r) {
-      channel_bin_indices<Ld, kUnit>(base + L.offsets(r0 + r) + ca * cs, tn, cs, s.cscale + ca, s.clo + ca, s.N,
-                                     s.idx + r * kTileC);
+      const auto* row = base + L.offsets(r0 + r) + ca * cs;
+      const int32_t top = channel_bin_indices<Ld, kUnit>(row, tn, cs, s.cscale + ca, s.clo + ca, s.N, s.idx + r * kTileC);
+      if (s.covf_c != nullptr && top >= s.N) keep_beyond_channels<Ld, kUnit, false>(row, tn, cs, ca, s);
     }
     // kInterleave channels at a time, their increments interleaved: one channel's values fall
     // in few bins, and back-to-back increments of one counter wait for each other (store to
@@ -298,7 +324,8 @@ static inline void hist_run(const typename Ld::in_t* p, int64_t n, int64_t k, co
     }
   }
   if (s.N) {
-    bin_indices<Ld, true>(p, n, 1, s.cscale[k], s.clo[k], s.N, s.idx);
+    const int32_t top = bin_indices<Ld, true>(p, n, 1, s.cscale[k], s.clo[k], s.N, s.idx);
+    if (s.covf_c != nullptr && top >= s.N) keep_beyond_channels<Ld, true, true>(p, n, 1, k, s);
     const uint32_t N = static_cast<uint32_t>(s.N);
     int32_t* h = s.csub + k * s.N;
     for (int64_t j = 0; j < n; ++j) {
