@@ -174,14 +174,16 @@ def test_first_update_with_outliers_outside_the_sampled_rows(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("beyond", [1, 300, 5000, 60000])
 @pytest.mark.parametrize("first", [False, True])
-@pytest.mark.parametrize("shape,axis", [((4096, 24), -1), ((1024, 700), -1), ((16, 24, 300), 1), ((700, 90), 0)])
+@pytest.mark.parametrize("shape,axis", [((4096, 24), -1), ((1024, 700), -1), ((16, 24, 300), 1), ((700, 90), 0),
+                                        ((3, 40, 700), 1), ((2, 8, 64, 64), 1)])
 def test_values_beyond_a_growing_range_are_binned_exactly(dtype, beyond, first, shape, axis):
     # The range grows inside an update: by a second update whose `beyond` values lie far outside
     # the first one's range, or (first=True) in a first update whose sampled rows (the first
     # 1/64) are all small. The values beyond the old range are kept while the input is read (up
     # to a cap per thread: 60000 exceeds it in at least one of two threads, and the input is
     # then read a second time) and binned with the final range: either way the counts must be
-    # the reference's, bit for bit.
+    # the reference's, bit for bit. The last two shapes are NCHW runs (fewer than 8 samples),
+    # whose first update samples every 64th run.
     g = torch.Generator().manual_seed(beyond + 7 * first)
     x1 = (torch.rand(shape, generator=g, dtype=torch.float64) * 0.9).to(dtype)
     x2 = torch.rand(shape, generator=g, dtype=torch.float64) * 0.9

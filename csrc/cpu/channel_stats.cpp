@@ -549,36 +549,49 @@ static acc_t lower_bound_for(int64_t e) {
   return e == kEmptyExp ? acc_t(0) : static_cast<acc_t>(std::ldexp(1.0, static_cast<int>(e)));
 }
 
-// The largest finite |x| of the first k rows (kRows / kStrided layouts); -1 when there is none.
-// Lane arrays so that it vectorises (this is compiled for the baseline ISA: it reads ~1/64 of
-// the input, once per empty histogram).
+// Folds the finite |x| of n values (stride cs) into the running maxima l[0 .. kLanes) (-1: none
+// yet). Lane arrays so that it vectorises (this is compiled for the baseline ISA: the samples
+// below read ~1/64 of the input, once per empty histogram).
+template <class Ld>
+static void absmax_lanes(const typename Ld::in_t* __restrict__ p, int64_t n, int64_t cs, typename Ld::acc_t* l) {
+  using acc_t = typename Ld::acc_t;
+  const acc_t inf = std::numeric_limits<acc_t>::infinity();
+  int64_t c = 0;
+  if (cs == 1) {
+    for (; c + kLanes <= n; c += kLanes) {
+      for (int j = 0; j < kLanes; ++j) {
+        acc_t a = std::fabs(Ld::load(p[c + j]));
+        a = a < inf ? a : acc_t(-1);  // NaN and Inf: not in any range
+        l[j] = a > l[j] ? a : l[j];
+      }
+    }
+  }
+  for (; c < n; ++c) {
+    acc_t a = std::fabs(Ld::load(p[c * cs]));
+    a = a < inf ? a : acc_t(-1);
+    l[0] = a > l[0] ? a : l[0];
+  }
+}
+
+// The largest finite |x| of a sample, -1 when there is none: the first k rows (kRows / kStrided
+// layouts), or every 64th (outer row, channel) run, at least 8 of them (kRuns).
 template <class Ld>
 static typename Ld::acc_t sample_absmax(const at::Tensor& x, const Layout& L, int64_t k) {
   using acc_t = typename Ld::acc_t;
   using in_t = typename Ld::in_t;
   const in_t* base = static_cast<const in_t*>(x.const_data_ptr());
-  const acc_t inf = std::numeric_limits<acc_t>::infinity();
   const int64_t C = L.channels;
-  const int64_t cs = L.channel_stride;
   acc_t l[kLanes];
   for (int j = 0; j < kLanes; ++j) l[j] = -1;
-  for (int64_t r = 0; r < k; ++r) {
-    const in_t* __restrict__ p = base + L.offsets(r);
-    int64_t c = 0;
-    if (cs == 1) {
-      for (; c + kLanes <= C; c += kLanes) {
-        for (int j = 0; j < kLanes; ++j) {
-          acc_t a = std::fabs(Ld::load(p[c + j]));
-          a = a < inf ? a : acc_t(-1);  // NaN and Inf: not in any range
-          l[j] = a > l[j] ? a : l[j];
-        }
-      }
+  if (L.mode == Mode::kRuns) {
+    const int64_t pairs = (L.rows / L.run) * C;
+    const int64_t step = std::max<int64_t>(1, std::min<int64_t>(64, pairs / 8));
+    for (int64_t pi = 0; pi < pairs; pi += step) {
+      const int64_t q = pi / C;
+      absmax_lanes<Ld>(base + L.outer(q) + (pi - q * C) * L.channel_stride, L.run, 1, l);
     }
-    for (; c < C; ++c) {
-      acc_t a = std::fabs(Ld::load(p[c * cs]));
-      a = a < inf ? a : acc_t(-1);
-      l[0] = a > l[0] ? a : l[0];
-    }
+  } else {
+    for (int64_t r = 0; r < k; ++r) absmax_lanes<Ld>(base + L.offsets(r), C, L.channel_stride, l);
   }
   acc_t m = l[0];
   for (int j = 1; j < kLanes; ++j) m = l[j] > m ? l[j] : m;
@@ -602,12 +615,13 @@ static void update_typed(const at::Tensor& x, const Layout& L, float* fst, doubl
   bool table = false;
   if constexpr (Ld::kTable) table = B && L.rows * C >= kTableMinValues;
   // The range pass 1 bins the global histogram with: the current one, or for an empty histogram
-  // a provisional one from a sample (the first 1/64 of the rows): the largest finite |x| there
-  // cannot exceed the whole input's, so the final range is as wide or wider and the counts grow
-  // into it exactly; pass 2 then bins only what lay beyond the sample's range (usually nothing:
-  // one octave is wide, and outlier channels are in every row).
+  // a provisional one from a sample (the first 1/64 of the rows, or every 64th run): the largest
+  // finite |x| there cannot exceed the whole input's, so the final range is as wide or wider and
+  // the counts grow into it exactly; what lay beyond the sample's range is kept during the pass and
+  // binned after it (or, past the per-thread cap, by a second pass) — usually nothing: one octave
+  // is wide, and outlier channels are in every row.
   int64_t e_start = B ? hexp[0] : kEmptyExp;
-  if (B && !table && e_start == kEmptyExp && L.mode != Mode::kRuns) {
+  if (B && !table && e_start == kEmptyExp) {
     const acc_t m = sample_absmax<Ld>(x, L, std::min(L.rows, std::max<int64_t>(8, L.rows / 64)));
     if (m >= 0) e_start = exponent_for(static_cast<float>(m));
   }
