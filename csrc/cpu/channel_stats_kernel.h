@@ -100,31 +100,40 @@ static inline void init_chunk(int64_t n, acc_t* __restrict__ cmn, acc_t* __restr
 // Bin indices of n values (stride cs) for the global histogram: floor(|x| * scale) when |x| >= lo
 // and the result is < B, else B (not binned: NaN, Inf, values beyond the range or below lo).
 // Written without undefined float->int conversions so that it vectorises.
-// Returns the largest index written (B: some value was not binned).
+// NaN and +-Inf get index B + 1, so that the return value, whether some index is B, says whether
+// a finite value was left out (beyond the range, or below lo): not true of non-finite values.
 template <class Ld, bool kUnit>
 static inline int32_t bin_indices(const typename Ld::in_t* __restrict__ p, int64_t n, int64_t cs,
                                   typename Ld::acc_t scale, typename Ld::acc_t lo, int64_t B,
                                   int32_t* __restrict__ out) {
   using acc_t = typename Ld::acc_t;
+  const acc_t inf = std::numeric_limits<acc_t>::infinity();
   const acc_t Bf = static_cast<acc_t>(B);
   const int32_t Bi = static_cast<int32_t>(B);
-  int32_t top = 0;
+  int32_t left_out = 0;
   for (int64_t c = 0; c < n; ++c) {
     const acc_t a = std::fabs(Ld::load(p[kUnit ? c : c * cs]));
     acc_t f = a * scale;
     f = f < Bf ? f : Bf;
-    const int32_t i = a >= lo ? static_cast<int32_t>(f) : Bi;
+    int32_t i = a >= lo ? static_cast<int32_t>(f) : Bi;
+    i = a < inf ? i : Bi + 1;
     out[c] = i;
-    top = i > top ? i : top;
+    left_out |= i == Bi;
   }
-  return top;
+  return left_out;
 }
 
 // Values beyond the global histogram's range during a pass whose range may still grow (s.ovf set):
 // the finite |x| >= s.ovf_at of n values (stride cs) are kept in this thread's buffer, to be
-// binned once the call's final range is known, instead of reading the whole input again. A
-// thread that has more than s.ovf_cap of them only counts them (the call then makes the second
-// pass). Called only when bin_indices reported an unbinned value: rare outside a growing range.
+// binned once the call's final range is known, instead of reading the whole input again. Called
+// only when bin_indices reported a finite value left out (rare outside a growing range; NaN and
+// Inf do not count), and only until the thread has met more than s.ovf_cap of them (the call then
+// makes the second pass: see wants_beyond).
+template <typename acc_t>
+static inline bool wants_beyond(const Slot<acc_t>& s) {
+  return s.ovf != nullptr && *s.ovf_n <= s.ovf_cap;
+}
+
 template <class Ld, bool kUnit>
 static inline void keep_beyond(const typename Ld::in_t* __restrict__ p, int64_t n, int64_t cs,
                                const Slot<typename Ld::acc_t>& s) {
@@ -139,25 +148,27 @@ static inline void keep_beyond(const typename Ld::in_t* __restrict__ p, int64_t 
   }
 }
 
-// Same, with a scale and lower bound per channel (channel c0 + c). Returns the largest index.
+// Same, with a scale and lower bound per channel (channel c0 + c); the same return value.
 template <class Ld, bool kUnit>
 static inline int32_t channel_bin_indices(const typename Ld::in_t* __restrict__ p, int64_t n, int64_t cs,
                                           const typename Ld::acc_t* __restrict__ scale,
                                           const typename Ld::acc_t* __restrict__ lo, int64_t N,
                                           int32_t* __restrict__ out) {
   using acc_t = typename Ld::acc_t;
+  const acc_t inf = std::numeric_limits<acc_t>::infinity();
   const acc_t Nf = static_cast<acc_t>(N);
   const int32_t Ni = static_cast<int32_t>(N);
-  int32_t top = 0;
+  int32_t left_out = 0;
   for (int64_t c = 0; c < n; ++c) {
     const acc_t a = std::fabs(Ld::load(p[kUnit ? c : c * cs]));
     acc_t f = a * scale[c];
     f = f < Nf ? f : Nf;
-    const int32_t i = a >= lo[c] ? static_cast<int32_t>(f) : Ni;
+    int32_t i = a >= lo[c] ? static_cast<int32_t>(f) : Ni;
+    i = a < inf ? i : Ni + 1;
     out[c] = i;
-    top = i > top ? i : top;
+    left_out |= i == Ni;
   }
-  return top;
+  return left_out;
 }
 
 // The per-channel counterpart of keep_beyond: the finite |x| >= s.covf_at[channel] of n values
@@ -236,9 +247,9 @@ static inline void hist_row(const typename Ld::in_t* p, int64_t n, int64_t cs, c
       return;
     }
   }
-  const int32_t top = bin_indices<Ld, kUnit>(p, n, cs, s.hscale, s.hlo, s.B, s.idx);
+  const int32_t left_out = bin_indices<Ld, kUnit>(p, n, cs, s.hscale, s.hlo, s.B, s.idx);
   scatter_global(s.idx, n, s.B, s.hsub);
-  if (s.ovf != nullptr && top >= s.B) keep_beyond<Ld, kUnit>(p, n, cs, s);
+  if (left_out && wants_beyond(s)) keep_beyond<Ld, kUnit>(p, n, cs, s);
   s.note_binned(n);
 }
 
@@ -255,10 +266,10 @@ static inline void hist_rows(const typename Ld::in_t* const* p, int R, int64_t n
     for (int i = 0; i < R; ++i) hist_row<Ld, kUnit>(p[i], n, cs, s);
     return;
   }
-  int32_t top = 0;
-  for (int i = 0; i < R; ++i) top = std::max(top, bin_indices<Ld, kUnit>(p[i], n, cs, s.hscale, s.hlo, s.B, s.idx + i * n));
+  int32_t left_out = 0;
+  for (int i = 0; i < R; ++i) left_out |= bin_indices<Ld, kUnit>(p[i], n, cs, s.hscale, s.hlo, s.B, s.idx + i * n);
   scatter_global(s.idx, n * R, s.B, s.hsub);
-  if (s.ovf != nullptr && top >= s.B)
+  if (left_out && wants_beyond(s))
     for (int i = 0; i < R; ++i) keep_beyond<Ld, kUnit>(p[i], n, cs, s);
   s.note_binned(n * R);
 }
@@ -291,8 +302,10 @@ static void channel_hist_rows(const typename Ld::in_t* base, const calibfast::La
     const int64_t ca = c0 + t0;
     for (int64_t r = 0; r < R; ++r) {
       const auto* row = base + L.offsets(r0 + r) + ca * cs;
-      const int32_t top = channel_bin_indices<Ld, kUnit>(row, tn, cs, s.cscale + ca, s.clo + ca, s.N, s.idx + r * kTileC);
-      if (s.covf_c != nullptr && top >= s.N) keep_beyond_channels<Ld, kUnit, false>(row, tn, cs, ca, s);
+      const int32_t left_out =
+          channel_bin_indices<Ld, kUnit>(row, tn, cs, s.cscale + ca, s.clo + ca, s.N, s.idx + r * kTileC);
+      if (left_out && s.covf_c != nullptr && *s.covf_n <= s.covf_cap)
+        keep_beyond_channels<Ld, kUnit, false>(row, tn, cs, ca, s);
     }
     // kInterleave channels at a time, their increments interleaved: one channel's values fall
     // in few bins, and back-to-back increments of one counter wait for each other (store to
@@ -318,14 +331,14 @@ static inline void hist_run(const typename Ld::in_t* p, int64_t n, int64_t k, co
       }
     }
     if (!done) {
-      const int32_t top = bin_indices<Ld, true>(p, n, 1, s.hscale, s.hlo, s.B, s.idx);
+      const int32_t left_out = bin_indices<Ld, true>(p, n, 1, s.hscale, s.hlo, s.B, s.idx);
       scatter_global(s.idx, n, s.B, s.hsub);
-      if (s.ovf != nullptr && top >= s.B) keep_beyond<Ld, true>(p, n, 1, s);
+      if (left_out && wants_beyond(s)) keep_beyond<Ld, true>(p, n, 1, s);
     }
   }
   if (s.N) {
-    const int32_t top = bin_indices<Ld, true>(p, n, 1, s.cscale[k], s.clo[k], s.N, s.idx);
-    if (s.covf_c != nullptr && top >= s.N) keep_beyond_channels<Ld, true, true>(p, n, 1, k, s);
+    const int32_t left_out = bin_indices<Ld, true>(p, n, 1, s.cscale[k], s.clo[k], s.N, s.idx);
+    if (left_out && s.covf_c != nullptr && *s.covf_n <= s.covf_cap) keep_beyond_channels<Ld, true, true>(p, n, 1, k, s);
     const uint32_t N = static_cast<uint32_t>(s.N);
     int32_t* h = s.csub + k * s.N;
     for (int64_t j = 0; j < n; ++j) {
