@@ -598,6 +598,13 @@ static typename Ld::acc_t sample_absmax(const at::Tensor& x, const Layout& L, in
   return m;
 }
 
+// Whether every thread kept all the values it met beyond its range (counts [threads][kLine]).
+static bool kept_all(const std::vector<int64_t>& counts) {
+  for (size_t t = 0; t < counts.size(); t += kLine)
+    if (counts[t] > kBeyondCap) return false;
+  return true;
+}
+
 template <class Ld>
 static void update_typed(const at::Tensor& x, const Layout& L, float* fst, double* dst, int64_t* ist, int64_t B,
                          int64_t* hist, int64_t* hexp, int64_t N, int64_t* chist, int64_t* chexp) {
@@ -710,9 +717,7 @@ static void update_typed(const at::Tensor& x, const Layout& L, float* fst, doubl
     if (e_new != e_at && !table) {
       // What pass 1 did not bin lies at or beyond 2^e_at (or is not finite): bin it with the new
       // range from the kept values when every thread kept all of its own, else read it again.
-      bool kept = h1.ovf != nullptr;
-      for (size_t t = 0; kept && t < beyond_n.size(); t += kLine) kept = beyond_n[t] <= kBeyondCap;
-      if (kept) {
+      if (h1.ovf != nullptr && kept_all(beyond_n)) {
         const acc_t sc = bin_scale<acc_t>(B, e_new);
         const acc_t Bf = static_cast<acc_t>(B);
         for (size_t t = 0; t < beyond_n.size(); t += kLine) {
@@ -744,8 +749,7 @@ static void update_typed(const at::Tensor& x, const Layout& L, float* fst, doubl
       clo[c] = e_new != e_old ? lower_bound_for<acc_t>(e_old) : inf;  // inf: nothing left to bin
       any |= e_new != e_old;
     }
-    bool kept = h1.covf_c != nullptr;
-    for (size_t t = 0; kept && t < cbeyond_n.size(); t += kLine) kept = cbeyond_n[t] <= kBeyondCap;
+    const bool kept = h1.covf_c != nullptr && kept_all(cbeyond_n);
     if (any && kept) {
       // Bin the kept values of the channels whose range grew with their new range (what the
       // second pass would bin: clo = 2^e_old there, and nothing for the channels that did not).

@@ -134,6 +134,11 @@ static inline bool wants_beyond(const Slot<acc_t>& s) {
   return s.ovf != nullptr && *s.ovf_n <= s.ovf_cap;
 }
 
+template <typename acc_t>
+static inline bool wants_channel_beyond(const Slot<acc_t>& s) {
+  return s.covf_c != nullptr && *s.covf_n <= s.covf_cap;
+}
+
 template <class Ld, bool kUnit>
 static inline void keep_beyond(const typename Ld::in_t* __restrict__ p, int64_t n, int64_t cs,
                                const Slot<typename Ld::acc_t>& s) {
@@ -304,8 +309,7 @@ static void channel_hist_rows(const typename Ld::in_t* base, const calibfast::La
       const auto* row = base + L.offsets(r0 + r) + ca * cs;
       const int32_t left_out =
           channel_bin_indices<Ld, kUnit>(row, tn, cs, s.cscale + ca, s.clo + ca, s.N, s.idx + r * kTileC);
-      if (left_out && s.covf_c != nullptr && *s.covf_n <= s.covf_cap)
-        keep_beyond_channels<Ld, kUnit, false>(row, tn, cs, ca, s);
+      if (left_out && wants_channel_beyond(s)) keep_beyond_channels<Ld, kUnit, false>(row, tn, cs, ca, s);
     }
     // kInterleave channels at a time, their increments interleaved: one channel's values fall
     // in few bins, and back-to-back increments of one counter wait for each other (store to
@@ -338,7 +342,7 @@ static inline void hist_run(const typename Ld::in_t* p, int64_t n, int64_t k, co
   }
   if (s.N) {
     const int32_t left_out = bin_indices<Ld, true>(p, n, 1, s.cscale[k], s.clo[k], s.N, s.idx);
-    if (left_out && s.covf_c != nullptr && *s.covf_n <= s.covf_cap) keep_beyond_channels<Ld, true, true>(p, n, 1, k, s);
+    if (left_out && wants_channel_beyond(s)) keep_beyond_channels<Ld, true, true>(p, n, 1, k, s);
     const uint32_t N = static_cast<uint32_t>(s.N);
     int32_t* h = s.csub + k * s.N;
     for (int64_t j = 0; j < n; ++j) {
