@@ -18,6 +18,15 @@ fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 stamp=.venv/.calibfast-requirements
 if [ ! -f "$stamp" ] || ! cmp -s <(cat requirements.txt requirements-dev.txt) "$stamp"; then
+  # torch's CUDA build and its libraries take ~6 GB in .venv; say so plainly rather than let pip
+  # fail half-way with "No space left on device".
+  need_kb=$((8 * 1024 * 1024))
+  free_kb=$(df -Pk . | awk 'NR == 2 {print $4}')
+  if [ -n "$free_kb" ] && [ "$free_kb" -lt "$need_kb" ] && [ ! -d .venv/lib/python*/site-packages/torch ]; then
+    echo "[setup] not enough disk space: installing the requirements needs about 8 GB free in $(pwd)," \
+         "$((free_kb / 1024)) MB are free (df -h .). Free some space and run this again." >&2
+    exit 1
+  fi
   echo "[setup] installing requirements (torch 2.14.1 and friends; about a minute the first time)"
   python -m pip install -q --upgrade pip
   python -m pip install -q -r requirements-dev.txt
