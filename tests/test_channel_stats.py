@@ -222,6 +222,67 @@ def test_short_runs_of_nchw_inputs_exactly(threads, dtype, hw):
         torch.set_num_threads(old)
 
 
+# Layouts for the tests below: rows (unit channel stride), channel axis 0 (strided channels), NCHW
+# with large maps (runs), NCHW with small maps (grouped virtual channels), few channels.
+_REDO_LAYOUTS = [((300, 70), -1), ((70, 300), 0), ((3, 5, 40, 40), 1), ((20, 70, 7, 7), 1), ((900, 3), -1)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("shape,axis", _REDO_LAYOUTS, ids=str)
+def test_tiny_values_keep_their_sums_of_squares(device, dtype, shape, axis):
+    """Values so small that their squares fall below float's normal range (|x| < ~1e-19: the fast
+    path's float partial sums would lose them to underflow) are summed in float64 like the
+    reference: sum x^2 within the usual relative tolerance, channel by channel, whatever the
+    magnitude. Channels of normal values beside them stay on the fast path and exact too."""
+    x = _make(shape, dtype, device, kind="normal").double()
+    C = shape[axis]
+    exps = torch.tensor([0, 19, 21, 25, 30, 36, 44, 0, 160] * (C // 9 + 1))[:C].double()
+    if dtype != torch.float64:
+        exps = exps.clamp(max=38)  # (bfloat16's subnormals end at ~9e-41)
+    view = [1] * x.dim()
+    view[axis] = C
+    x = (x * torch.pow(10.0, -exps).view(view).to(x.device)).to(dtype)
+    # a channel of zeros but for one tiny value
+    idx = [slice(None)] * x.dim()
+    idx[axis] = 1 % C
+    x[tuple(idx)] = 0
+    x.view(-1)[0] = 0  # keep the planted value off the first element
+    one = [0] * x.dim()
+    one[axis] = 1 % C
+    x[tuple(one)] = 3e-30 if dtype != torch.float64 else 3e-150
+    for bins in (0, 2048):
+        a = ChannelStats(axis=axis, bins=bins).update(x).update(x[:2] * 0.5 if axis != 0 else x * 0.5)
+        r = ChannelStats(axis=axis, bins=bins, backend="reference").update(x)
+        r.update(x[:2] * 0.5 if axis != 0 else x * 0.5)
+        assert_stats_match(a, r, dtype, f"bins={bins} ")
+        assert (a.sum_sq.cpu() > 0).all(), a.sum_sq
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,axis", _REDO_LAYOUTS, ids=str)
+def test_a_nonfinite_channel_in_every_row_leaves_the_others_exact(device, dtype, shape, axis):
+    """Masked attention scores hold -inf in some channels of every row: the chunk channels with a
+    non-finite value are redone by the masked path (alone when they are few, with the whole chunk
+    when many are), and every channel's statistics still match the reference."""
+    x = _make(shape, dtype, device, kind="heavy")
+    C = shape[axis]
+    xc = x.movedim(axis, -1)  # a view: writes land in x
+    xc[..., 7 % C] = -float("inf")
+    every = lambda k: (torch.arange(xc[..., 0].numel(), device=x.device) % k == 0).view(xc.shape[:-1])
+    xc[..., 9 % C][every(3)] = float("nan")
+    xc[..., 11 % C][every(5)] = torch.finfo(dtype).max
+    y = x.clone()
+    y.movedim(axis, -1)[..., ::2] = float("nan")  # half the channels bad: whole-chunk redo
+    for inp in (x, y):
+        for bins in (0, 2048):
+            a = ChannelStats(axis=axis, bins=bins).update(inp)
+            r = ChannelStats(axis=axis, bins=bins, backend="reference").update(inp)
+            assert_stats_match(a, r, dtype, f"bins={bins} ")
+            assert (a.nan_count + a.inf_count).sum() > 0
+
+
 def test_slots_of_threads_that_ran_no_task_are_not_merged():
     """With more torch threads than tasks, some per-thread slots take no task: their buffers (kept
     between calls, so holding an earlier call's numbers) must not reach the state."""

@@ -6,16 +6,18 @@
 //
 // Hot path: values are assumed finite and folded into fresh chunk accumulators with plain
 // compare/select and add; a NaN or +-Inf anywhere in a chunk makes that chunk's sum of |x|
-// non-finite, which one check per chunk and channel notices. Such a chunk is thrown away and
-// redone by the masked scalar path, which also counts the non-finite values. So finite data pays nothing for NaN/Inf handling, and data with
-// non-finite values is still exact (only slower, on the chunks that hold them).
+// non-finite, which one check per chunk and channel notices. That channel's part of the chunk is
+// thrown away and redone by the masked scalar path, which also counts the non-finite values. So
+// finite data pays nothing for NaN/Inf handling, and data with non-finite values is still exact
+// (only slower, on the chunk channels that hold them).
 //
 // Sums: each chunk sums at most kChunk values per channel (or per lane) in the accumulation type
 // (float for 16/32-bit inputs), then adds the chunk sum into float64. The relative error of a
 // chunk sum is at most about kChunk * 2^-24 (in practice ~sqrt(kChunk) * 2^-24); beyond a chunk,
 // float64 carries 2^-53 per addition, so 10^9 values lose nothing that matters. A chunk whose
-// float partial sums overflow (finite values near FLT_MAX) is redone in float64 like a chunk with
-// non-finite values.
+// float partial sums overflow (finite values near FLT_MAX) or whose sum of squares is so small that
+// float underflow would cost precision (|x| below ~2^-51 throughout) is redone in float64 like a
+// chunk with non-finite values (see chunk_bad); only the channels concerned are redone.
 
 // Expects channel_stats.cpp to have defined before it: kChunk, kLanes, the Load* structs, Slot.
 
@@ -78,6 +80,20 @@ static inline void fold_chunk(const Slot<acc_t>& s, int64_t c0, int64_t n, const
     reduce_into(s, k, end - v, cmn + v, cmx + v, camn + v, csum + v, csabs + v, cssq + v);
     v = end;
   }
+}
+
+// Whether a chunk's float partial sums of one channel (or lane) cannot be kept, so that its values
+// are redone by the masked float64 path (row_slow):
+//   - sum |x| not finite: a NaN or +-Inf among the values (sum |x| >= |sum x|, so it covers sum x);
+//   - sum x^2 not finite: it overflowed on huge finite values (|x|^2 beyond FLT_MAX);
+//   - sum x^2 below kTinySq while sum |x| is not zero: the squares of values below ~2^-63 fall into
+//     float's subnormal range (2^-149 resolution) or to zero (|x| < ~1e-23), losing precision the
+//     float64 reference keeps. Above kTinySq = FLT_MIN * 2^24, the subnormal rounding of kChunk
+//     squares costs at most kChunk * 2^-150 / kTinySq = 2^-42 of the sum: far below float's own.
+template <typename acc_t>
+static inline int chunk_bad(acc_t sabs, acc_t sq) {
+  const acc_t kTinySq = std::numeric_limits<acc_t>::min() * static_cast<acc_t>(16777216.0);
+  return ((sabs - sabs) != (sabs - sabs)) | ((sq - sq) != (sq - sq)) | ((sq < kTinySq) & (sabs > 0));
 }
 
 template <typename acc_t>
@@ -445,16 +461,31 @@ static void rows_range(const typename Ld::in_t* base, const calibfast::Layout& L
     }
     // the chunk (kChunk rows) is still in cache for the per-channel histograms
     if (s.N) channel_hist_rows<Ld, kUnit>(base, L, rc, re, c0, n, s);
-    // A NaN or +-Inf makes sum |x| non-finite; so does a float partial sum that overflowed on
-    // huge finite values (|x|^2 beyond FLT_MAX). Either way the chunk is redone by the masked
-    // float64 path (sum |x| >= |sum x|, so these two checks cover all three sums).
     int bad = 0;
-    for (int64_t c = 0; c < n; ++c) bad |= ((csabs[c] - csabs[c]) != (csabs[c] - csabs[c])) |
-                                           ((cssq[c] - cssq[c]) != (cssq[c] - cssq[c]));
+    for (int64_t c = 0; c < n; ++c) bad |= chunk_bad(csabs[c], cssq[c]);
     if (!bad) {
       fold_chunk(s, c0, n, cmn, cmx, camn, csum, csabs, cssq);
-    } else {
+      continue;
+    }
+    // Only the channels that need it are redone, column by column (from cache): data such as
+    // masked attention scores hold -inf in a few channels of every row, and redoing whole chunks
+    // cost them ~10x a finite input. When many channels of the chunk are bad, the rows are redone
+    // whole (row by row reads the chunk in order).
+    int64_t nbad = 0;
+    for (int64_t c = 0; c < n; ++c) nbad += chunk_bad(csabs[c], cssq[c]);
+    if (nbad * 8 > n) {
       for (r = rc; r < re; ++r) row_slow<Ld>(base + L.offsets(r) + c0 * cs, c0, n, cs, s);
+      continue;
+    }
+    for (int64_t c = 0; c < n;) {
+      int64_t e = c;
+      while (e < n && !chunk_bad(csabs[e], cssq[e])) ++e;
+      if (e > c) fold_chunk(s, c0 + c, e - c, cmn + c, cmx + c, camn + c, csum + c, csabs + c, cssq + c);
+      if (e < n) {
+        for (r = rc; r < re; ++r) row_slow<Ld>(base + L.offsets(r) + (c0 + e) * cs, c0 + e, 1, cs, s);
+        ++e;
+      }
+      c = e;
     }
   }
 }
@@ -494,9 +525,7 @@ static void run_fold(const typename Ld::in_t* __restrict__ p, int64_t n, int64_t
       sq[l] += v * v;
     }
     int any_bad = 0;
-    for (int l = 0; l < kLanes; ++l) {
-      any_bad |= ((sa[l] - sa[l]) != (sa[l] - sa[l])) | ((sq[l] - sq[l]) != (sq[l] - sq[l]));
-    }
+    for (int l = 0; l < kLanes; ++l) any_bad |= chunk_bad(sa[l], sq[l]);
     if (s.B || s.N) hist_run<Ld>(q, bn, k, s);
     if (any_bad) {
       for (int64_t j = 0; j < bn; ++j) row_slow<Ld>(q + j, k, 1, 0, s);

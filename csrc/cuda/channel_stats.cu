@@ -354,9 +354,9 @@ __global__ void __launch_bounds__(32 * kWarps) rows_kernel(const typename Ld::in
 //     values; a warp still reads whole 128-byte lines), 64 bytes a thread in flight;
 //   - sums in float over at most kFlushValues values per channel and thread, then added to float64
 //     partial sums in shared memory (one slot per warp and channel, written by one thread: no
-//     atomics). Values with |x| >= 2^32 go to those float64 slots directly, so a float partial sum
-//     cannot overflow (32 * 2^64 << FLT_MAX) and huge values lose nothing; non-finite values are
-//     counted (the same compare sends them off the fast path);
+//     atomics). Values with |x| >= 2^32 or 0 < |x| < 2^-60 go to those float64 slots directly,
+//     so a float partial sum cannot overflow (32 * 2^64 << FLT_MAX) nor lose tiny squares to
+//     underflow; non-finite values are counted (the same compare sends them off the fast path);
 //   - under 64 registers a thread (several blocks per SM) and a grid sized to whole waves of
 //     resident blocks (launch_rows_v2).
 // The float partial sums carry the same error bound as the CPU kernel's float chunk sums (kChunk
@@ -378,6 +378,9 @@ __global__ void __launch_bounds__(32 * kWarps, 3)
   constexpr int kFlushIters = kFlushValues / kU;
   static_assert(kFlushIters >= 1, "kFlushValues must be a multiple of kU");
   constexpr float kBig = 4294967296.0f;  // 2^32: at or beyond, a value skips the float partial sums
+  // 2^-60: a non-zero value below it skips them too (its square, below 2^-120, would lose bits to
+  // float underflow; the float64 slots keep it exactly as the reference does)
+  constexpr float kTiny = 8.673617379884035e-19f;
   const float kNaN = __int_as_float(0x7fffffff);
   // float64 partial sums [stat][warp][j * 32 + lane] (lane-major per j: no bank conflicts), and the
   // float min/max/abs-min of the final reduction.
@@ -439,7 +442,7 @@ __global__ void __launch_bounds__(32 * kWarps, 3)
   const int64_t r_begin = static_cast<int64_t>(blockIdx.y) * rows_per_block;
   const int64_t r_end = min(rows, r_begin + rows_per_block);
   // kU rows of this thread's 4 channels: loads first (all in flight), then folded without a branch
-  // per value: a value off the fast path (NaN, +-Inf, |x| >= 2^32) enters the float partial sums
+  // per value: a value off the fast path (NaN, +-Inf, |x| >= 2^32, 0 < |x| < 2^-60) enters the float partial sums
   // as 0 and the min/max as NaN (which fminf/fmaxf ignore), and is handled after the step, which
   // branches once. kGuard: rows at or past r_end may occur (the last step of a thread only).
   auto step = [&](int64_t r, auto guard) {
@@ -459,7 +462,8 @@ __global__ void __launch_bounds__(32 * kWarps, 3)
         const float f = Ld::load(v[u].v[j]);
         const float a = fabsf(f);
         if (kStats) {
-          const bool ok = a < kBig;  // finite and not huge (NaN compares false)
+          // finite, not huge (NaN compares false) and not tiny
+          const bool ok = (a < kBig) & ((a >= kTiny) | (a == 0.0f));
           const float z = ok ? f : 0.0f;
           const float m = ok ? f : kNaN;   // NaN: ignored by fminf/fmaxf
           const float am = ok ? a : kNaN;
@@ -490,12 +494,12 @@ __global__ void __launch_bounds__(32 * kWarps, 3)
         for (int j = 0; j < kVec2; ++j) {
           const float f = Ld::load(x[ru * row_stride + c0 + j]);
           const float a = fabsf(f);
-          if (a < kBig) continue;
+          if (a < kBig && (a >= kTiny || a == 0.0f)) continue;
           if (isnan(f)) {
             atomicAdd(&snan[j * 32 + tx], 1u);
           } else if (isinf(f)) {
             atomicAdd(&sinf[j * 32 + tx], 1u);
-          } else {  // huge but finite: straight into float64
+          } else {  // huge or tiny but finite: straight into float64
             mn[j] = fminf(f, mn[j]);
             mx[j] = fmaxf(f, mx[j]);
             amn[j] = fminf(a, amn[j]);
