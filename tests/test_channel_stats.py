@@ -283,6 +283,36 @@ def test_a_nonfinite_channel_in_every_row_leaves_the_others_exact(device, dtype,
             assert (a.nan_count + a.inf_count).sum() > 0
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("samples,hw", [(1, (7, 7)), (2, (3, 5)), (3, (4, 4)), (5, (1, 17)), (7, (16, 31)),
+                                        (13, (7, 7)), (20, (3, 5)), (3, (32, 17))], ids=str)
+def test_short_runs_channel_by_channel_exactly(threads, dtype, samples, hw):
+    """NCHW with short runs (up to 512 values) taken channel by channel over tiles of 8 samples
+    (fewer than 8 samples, or per-channel histograms): runs shorter than, equal to and longer than
+    the 16 lanes, a lane budget reached within a tile (16 x 31), a partial last tile, tasks that
+    start mid-channel (2 threads), runs just too long for it (32 x 17: one run at a time), NaN / Inf
+    / huge values in some runs, a channel of tiny values; every statistic and histogram against the
+    reference."""
+    if not native_on("cpu"):
+        pytest.skip("no native CPU kernel")
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        C = 37 if hw != (16, 31) else 71  # (7 x 71 x 496 values: tasks that start mid-channel)
+        x = _make((samples, C) + hw, dtype, "cpu", kind="heavy")
+        x[0, 5, 0, 0] = float("nan")
+        x[-1, 6, -1, -1] = float("inf")
+        x[samples // 2, 7] = torch.finfo(dtype).max
+        x[:, 8] = x[:, 8] * 1e-30  # tiny squares: redone in float64
+        for bins, cbins in ((0, 0), (2048, 0), (2048, 16)):
+            a = ChannelStats(axis=1, bins=bins, channel_bins=cbins).update(x).update(x[:1] * 3)
+            r = ChannelStats(axis=1, bins=bins, channel_bins=cbins, backend="reference").update(x).update(x[:1] * 3)
+            assert_stats_match(a, r, dtype, f"bins={bins} cbins={cbins} ")
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_slots_of_threads_that_ran_no_task_are_not_merged():
     """With more torch threads than tasks, some per-thread slots take no task: their buffers (kept
     between calls, so holding an earlier call's numbers) must not reach the state."""

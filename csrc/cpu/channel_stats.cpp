@@ -175,6 +175,7 @@ struct Slot {
 };
 
 constexpr int64_t kRunBlock = kChunk * kLanes;  // values of a run folded at a time
+constexpr int64_t kRunTile = 8;  // samples whose short runs of a channel are folded together
 
 namespace v_base {
 #include "channel_stats_kernel.h"
@@ -795,13 +796,17 @@ constexpr int64_t kLongRow = 4096;
 constexpr int64_t kLongRowsBytes = int64_t(16) << 20;
 
 // NCHW inputs with small maps (runs of H x W < kRunBlock values; channel axis 1 and each sample's
-// C x H x W values contiguous): the run kernel would fold each short run on its own (7 x 7: 2.8x
-// float32, 4.7x bfloat16 the time per value of the row kernel). Each sample is read instead as one
+// C x H x W values contiguous): folded one run at a time, short runs cost 2.8x (float32) and 4.7x
+// (bfloat16) the time per value of the row kernel for 7 x 7 (session 4). Each sample is read as one
 // row of C x H x W virtual channels by the row kernel, and its chunk accumulators folded group by
 // group (H x W virtual channels a channel) straight into the state's channels (Layout::group), so
 // no per-virtual-channel state exists. Same results: min / max / abs-min / counts / histogram do
 // not depend on grouping; the sums are grouped differently (float chunks, then float64).
-constexpr int64_t kGroupMinRows = 8;  // samples at least (fewer: the run kernel)
+// With fewer samples (or per-channel histograms) the runs go channel by channel over tiles of
+// kRunTile samples instead (ShortRuns in channel_stats_kernel.h): a 16-lane fold per run and one
+// reduction per channel and tile. Session 6, 2 threads: with 8 or more samples the grouped rows
+// were still as fast or faster (16 x 2048 x 7 x 7: 0.23-0.52 vs 0.23-0.41 ns a value, noisy).
+constexpr int64_t kGroupMinRows = 8;  // samples at least (fewer: short runs)
 
 template <class Ld>
 static bool update_grouped(const at::Tensor& x, const Layout& L, float* fst, double* dst, int64_t* ist, int64_t B,
