@@ -492,6 +492,37 @@ static void rows_range(const typename Ld::in_t* base, const calibfast::Layout& L
 
 // ---- run kernels: one channel's contiguous run of values -------------------------------------
 
+// Folds one value into lane l of the lane accumulators.
+template <class Ld>
+static inline void lane_add(typename Ld::in_t x, int l, typename Ld::acc_t* __restrict__ mn,
+                            typename Ld::acc_t* __restrict__ mx, typename Ld::acc_t* __restrict__ amn,
+                            typename Ld::acc_t* __restrict__ sm, typename Ld::acc_t* __restrict__ sa,
+                            typename Ld::acc_t* __restrict__ sq) {
+  using acc_t = typename Ld::acc_t;
+  const acc_t v = Ld::load(x);
+  const acc_t a = std::fabs(v);
+  mn[l] = v < mn[l] ? v : mn[l];
+  mx[l] = v > mx[l] ? v : mx[l];
+  amn[l] = a < amn[l] ? a : amn[l];
+  sm[l] += v;
+  sa[l] += a;
+  sq[l] += v * v;
+}
+
+// Folds the first n - n % kLanes values of q into the kLanes accumulators (value i into lane
+// i % kLanes); returns how many it folded.
+template <class Ld>
+static inline int64_t fold_lanes(const typename Ld::in_t* __restrict__ q, int64_t n,
+                                 typename Ld::acc_t* __restrict__ mn, typename Ld::acc_t* __restrict__ mx,
+                                 typename Ld::acc_t* __restrict__ amn, typename Ld::acc_t* __restrict__ sm,
+                                 typename Ld::acc_t* __restrict__ sa, typename Ld::acc_t* __restrict__ sq) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) lane_add<Ld>(q[i + l], l, mn, mx, amn, sm, sa, sq);
+  }
+  return i;
+}
+
 // Folds a contiguous run of n values of one channel into channel k of the slot.
 template <class Ld>
 static void run_fold(const typename Ld::in_t* __restrict__ p, int64_t n, int64_t k, const Slot<typename Ld::acc_t>& s) {
@@ -501,29 +532,8 @@ static void run_fold(const typename Ld::in_t* __restrict__ p, int64_t n, int64_t
     const typename Ld::in_t* __restrict__ q = p + b0;
     acc_t mn[kLanes], mx[kLanes], amn[kLanes], sm[kLanes], sa[kLanes], sq[kLanes];
     init_chunk<acc_t>(kLanes, mn, mx, amn, sm, sa, sq);
-    int64_t i = 0;
-    for (; i + kLanes <= bn; i += kLanes) {
-      for (int l = 0; l < kLanes; ++l) {
-        const acc_t v = Ld::load(q[i + l]);
-        const acc_t a = std::fabs(v);
-        mn[l] = v < mn[l] ? v : mn[l];
-        mx[l] = v > mx[l] ? v : mx[l];
-        amn[l] = a < amn[l] ? a : amn[l];
-        sm[l] += v;
-        sa[l] += a;
-        sq[l] += v * v;
-      }
-    }
-    for (int l = 0; i < bn; ++i, ++l) {
-      const acc_t v = Ld::load(q[i]);
-      const acc_t a = std::fabs(v);
-      mn[l] = v < mn[l] ? v : mn[l];
-      mx[l] = v > mx[l] ? v : mx[l];
-      amn[l] = a < amn[l] ? a : amn[l];
-      sm[l] += v;
-      sa[l] += a;
-      sq[l] += v * v;
-    }
+    int64_t i = fold_lanes<Ld>(q, bn, mn, mx, amn, sm, sa, sq);
+    for (int l = 0; i < bn; ++i, ++l) lane_add<Ld>(q[i], l, mn, mx, amn, sm, sa, sq);
     int any_bad = 0;
     for (int l = 0; l < kLanes; ++l) any_bad |= chunk_bad(sa[l], sq[l]);
     if (s.B || s.N) hist_run<Ld>(q, bn, k, s);
@@ -615,19 +625,7 @@ struct ShortRuns {
     }
     runs[nruns++] = q;
     used += per_lane;
-    int64_t i = 0;
-    for (; i + kLanes <= n; i += kLanes) {
-      for (int l = 0; l < kLanes; ++l) {
-        const acc_t v = Ld::load(q[i + l]);
-        const acc_t a = std::fabs(v);
-        mn[l] = v < mn[l] ? v : mn[l];
-        mx[l] = v > mx[l] ? v : mx[l];
-        amn[l] = a < amn[l] ? a : amn[l];
-        sm[l] += v;
-        sa[l] += a;
-        sq[l] += v * v;
-      }
-    }
+    int64_t i = fold_lanes<Ld>(q, n, mn, mx, amn, sm, sa, sq);
     // The last n % kLanes values go to scalar accumulators (sums in float64), not into lanes:
     // scalar stores into the lane arrays stalled the next run's vector loads of them (store
     // forwarding), a third of the time of 7 x 7 maps.
