@@ -201,8 +201,8 @@ def test_few_channels_from_memory_use_long_virtual_rows_exactly(dtype, rows, C):
 @pytest.mark.parametrize("hw", [(7, 7), (3, 5), (16, 16)], ids=str)
 def test_short_runs_of_nchw_inputs_exactly(threads, dtype, hw):
     """NCHW with small maps (each channel a run of 15 to 256 values per sample): read as rows of
-    C x H x W virtual channels folded group by group into the channels (8 samples or more), or by
-    the run kernel (5 samples; per-channel histograms). NaN/Inf/huge values in some runs go through
+    C x H x W virtual channels folded group by group into the channels (40 samples or more), or by
+    short runs (5 samples; per-channel histograms). NaN/Inf/huge values in some runs go through
     the masked path; everything stays exact."""
     if not native_on("cpu"):
         pytest.skip("no native CPU kernel")
@@ -289,7 +289,7 @@ def test_a_nonfinite_channel_in_every_row_leaves_the_others_exact(device, dtype,
                                         (13, (7, 7)), (20, (3, 5)), (3, (32, 17))], ids=str)
 def test_short_runs_channel_by_channel_exactly(threads, dtype, samples, hw):
     """NCHW with short runs (up to 512 values) taken channel by channel over tiles of 8 samples
-    (fewer than 8 samples, or per-channel histograms): runs shorter than, equal to and longer than
+    (fewer than 40 samples, or per-channel histograms): runs shorter than, equal to and longer than
     the 16 lanes, a lane budget reached within a tile (16 x 31), a partial last tile, tasks that
     start mid-channel (2 threads), runs just too long for it (32 x 17: one run at a time), NaN / Inf
     / huge values in some runs, a channel of tiny values; every statistic and histogram against the

@@ -182,7 +182,7 @@ def test_values_beyond_a_growing_range_are_binned_exactly(dtype, beyond, first, 
     # 1/64) are all small. The values beyond the old range are kept while the input is read (up
     # to a cap per thread: 60000 exceeds it in at least one of two threads, and the input is
     # then read a second time) and binned with the final range: either way the counts must be
-    # the reference's, bit for bit. The last two shapes are NCHW runs (fewer than 8 samples),
+    # the reference's, bit for bit. The last two shapes are NCHW runs (fewer than 40 samples),
     # whose first update samples every 64th run.
     g = torch.Generator().manual_seed(beyond + 7 * first)
     x1 = (torch.rand(shape, generator=g, dtype=torch.float64) * 0.9).to(dtype)

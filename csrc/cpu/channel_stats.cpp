@@ -804,9 +804,11 @@ constexpr int64_t kLongRowsBytes = int64_t(16) << 20;
 // not depend on grouping; the sums are grouped differently (float chunks, then float64).
 // With fewer samples (or per-channel histograms) the runs go channel by channel over tiles of
 // kRunTile samples instead (ShortRuns in channel_stats_kernel.h): a 16-lane fold per run and one
-// reduction per channel and tile. Session 6, 2 threads: with 8 or more samples the grouped rows
-// were still as fast or faster (16 x 2048 x 7 x 7: 0.23-0.52 vs 0.23-0.41 ns a value, noisy).
-constexpr int64_t kGroupMinRows = 8;  // samples at least (fewer: short runs)
+// reduction per channel and tile. Session 6, 2 threads, fastest of 3 alternations, µs for
+// grouped rows / short runs: 8 x 2048 x 7 x 7 221 / 146, 16 x 2048 x 7 x 7 412 / 266, 16 x 512 x
+// 14 x 14 498 / 221, 32 x 2048 x 7 x 7 616 / 514 (2048 bins 1509 / 1548), 48 x 512 x 14 x 14
+// 536 / 692 (1904 / 2055), 64 x 2048 x 7 x 7 1116 / 1047 (2835 / 3147): grouped from 40 samples.
+constexpr int64_t kGroupMinRows = 40;  // samples at least (fewer: short runs)
 
 template <class Ld>
 static bool update_grouped(const at::Tensor& x, const Layout& L, float* fst, double* dst, int64_t* ist, int64_t B,
