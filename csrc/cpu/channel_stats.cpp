@@ -270,11 +270,15 @@ static int32_t* zeroed_counters(int64_t n) {
 
 // Folds partial state of channels [c0, c1) of C (min, max, abs-min; sum, sum |x|, sum x^2; NaN
 // and Inf counts) into the op's state ([3][C] each; the value counts, row 0 of ist, are the
-// caller's).
+// caller's). Restrict pointers (the inputs never alias the state) so that the loop vectorises:
+// without them it ran scalar, reloading the state after every store (session 6: 13% of the time
+// of a 16 x 384 update, whose virtual rows fold 768 channels).
 template <typename acc_t>
-static void fold_state(int64_t C, int64_t c0, int64_t c1, const acc_t* mn, const acc_t* mx, const acc_t* amn,
-                       const double* sum, const double* sabs, const double* ssq, const int64_t* nan,
-                       const int64_t* inf, float* fst, double* dst, int64_t* ist) {
+static void fold_state(int64_t C, int64_t c0, int64_t c1, const acc_t* __restrict__ mn,
+                       const acc_t* __restrict__ mx, const acc_t* __restrict__ amn, const double* __restrict__ sum,
+                       const double* __restrict__ sabs, const double* __restrict__ ssq,
+                       const int64_t* __restrict__ nan, const int64_t* __restrict__ inf, float* __restrict__ fst,
+                       double* __restrict__ dst, int64_t* __restrict__ ist) {
   for (int64_t c = c0; c < c1; ++c) {
     const float fmn = static_cast<float>(mn[c]);
     const float fmx = static_cast<float>(mx[c]);
