@@ -210,6 +210,24 @@ class ChannelStats:
             self._allocate(self.num_channels, self.device)
         return self
 
+    def _clear(self):
+        """reset() in place: the same tensors, refilled (a few fills instead of seven allocations,
+        ~10 against ~30 µs). For scratch objects reused call after call (the integrations' per-batch
+        statistics); views handed out before see the cleared state, unlike after reset()."""
+        if self._f is not None:
+            self._epoch += 1
+            self._f[0::2].fill_(math.inf)
+            self._f[1].fill_(-math.inf)
+            self._d.zero_()
+            self._i.zero_()
+            if self.bins:
+                self._h.zero_()
+                self._he.fill_(_reference.EMPTY_EXP)
+            if self.channel_bins:
+                self._ch.zero_()
+                self._che.fill_(_reference.EMPTY_EXP)
+        return self
+
     # -- statistics ---------------------------------------------------------------------------
     @property
     def min(self):

@@ -313,6 +313,23 @@ def test_short_runs_channel_by_channel_exactly(threads, dtype, samples, hw):
         torch.set_num_threads(old)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_clear_in_place_equals_a_fresh_object(device):
+    """_clear() (the integrations' scratch objects) forgets everything in the same tensors: what
+    follows equals a fresh object's statistics and histograms, NaN/Inf counts and ranges included."""
+    x = _special(_make((300, 40), torch.float32, device, kind="heavy") * 100)
+    y = _make((77, 40), torch.float32, device) * 0.01
+    for bins, cbins in ((0, 0), (256, 0), (256, 16)):
+        s = ChannelStats(bins=bins, channel_bins=cbins).update(x).update(x * 3)
+        f = s._f
+        s._clear()
+        assert s._f is f  # in place
+        s.update(y)
+        assert_stats_match(s, ChannelStats(bins=bins, channel_bins=cbins).update(y), torch.float32)
+        assert_stats_match(s, ChannelStats(bins=bins, channel_bins=cbins, backend="reference").update(y),
+                           torch.float32)
+
+
 def test_slots_of_threads_that_ran_no_task_are_not_merged():
     """With more torch threads than tasks, some per-thread slots take no task: their buffers (kept
     between calls, so holding an earlier call's numbers) must not reach the state."""

@@ -30,6 +30,23 @@ def _pow2_bins(bins, who):
     return 1 << (bins - 1).bit_length()
 
 
+def _scratch_stats(owner, x, axis):
+    """The statistics (bins=0) of one tensor along ``axis``, in a ChannelStats that ``owner`` (an
+    observer or calibrator) keeps and clears in place call after call, instead of a new one each
+    call (whose seven allocations cost more than the update of a small tensor). Read what is needed
+    from it before the owner's next call."""
+    key = (axis, x.shape[axis], x.device)
+    cache = owner.__dict__.setdefault("_calibfast_scratch", {})
+    s = cache.get(key)
+    if s is None:
+        if len(cache) >= 8:  # shapes that keep changing: keep the cache small
+            cache.clear()
+        s = cache[key] = ChannelStats(axis=axis, bins=0)
+    else:
+        s._clear()
+    return s.update(x)
+
+
 class _TensorHist:
     """A per-tensor |x| histogram (calibfast's power-of-two one) over tensors of any shape.
 

@@ -54,8 +54,7 @@ from what ModelOpt 0.47 actually returns (its ``centers[start_bin]``).
 import torch
 from modelopt.torch.quantization.calib.calibrator import _Calibrator
 
-from ..stats import ChannelStats
-from . import _pow2_bins, _TensorHist
+from . import _pow2_bins, _scratch_stats, _TensorHist
 
 __all__ = ["MaxCalibrator", "HistogramCalibrator", "swap_calibrators"]
 
@@ -84,16 +83,16 @@ class MaxCalibrator(_Calibrator):
         if x.dim() == 0:
             x = x.reshape(1)
         if self._axis is None:
-            s = ChannelStats(axis=-1, bins=0).update(x)
+            s = _scratch_stats(self, x, -1)
             amax = s.absmax.max()
             shape = ()
         else:
             kept = _kept_axes(x, self._axis)
             if len(kept) == 1:
-                s = ChannelStats(axis=kept[0], bins=0).update(x)
+                s = _scratch_stats(self, x, kept[0])
             else:
                 moved = x.movedim(kept, list(range(len(kept))))
-                s = ChannelStats(axis=0, bins=0).update(moved.reshape(-1, *moved.shape[len(kept):]))
+                s = _scratch_stats(self, moved.reshape(-1, *moved.shape[len(kept):]), 0)
             amax = s.absmax
             shape = [x.shape[d] if d in kept else 1 for d in range(x.dim())]
         bad = s.nan_count.sum() + s.inf_count.sum()

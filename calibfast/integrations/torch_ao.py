@@ -69,20 +69,19 @@ import torch
 from torch.ao.quantization import observer as _ao
 
 from .._reference import FLOAT_DTYPES
-from ..stats import ChannelStats
-from . import _pow2_bins, _TensorHist
+from . import _pow2_bins, _scratch_stats, _TensorHist
 
 __all__ = ["MinMaxObserver", "PerChannelMinMaxObserver", "MovingAverageMinMaxObserver",
            "MovingAveragePerChannelMinMaxObserver", "HistogramObserver"]
 
 
-def _batch_minmax(x, axis):
+def _batch_minmax(obs, x, axis):
     """(min, max) float32 of the finite values of one tensor: per tensor (axis None, 0-d) or per
-    channel along ``axis`` ([C]); one fused read. Per tensor, returns None when nothing finite."""
+    channel along ``axis`` ([C]); one fused read, into ``obs``'s scratch statistics (the per-channel
+    results are views of them: use them before ``obs``'s next call)."""
     if x.dim() == 0:
         x = x.reshape(1)
-    s = ChannelStats(axis=-1 if axis is None else axis, bins=0)
-    s.update(x)
+    s = _scratch_stats(obs, x, -1 if axis is None else axis)
     if axis is None:
         mn, mx = s.min.min(), s.max.max()
         return mn, mx
@@ -99,7 +98,7 @@ class MinMaxObserver(_ao.MinMaxObserver):
     def forward(self, x_orig):
         if not _handled(x_orig):
             return super().forward(x_orig)
-        mn_cur, mx_cur = _batch_minmax(x_orig.detach(), None)
+        mn_cur, mx_cur = _batch_minmax(self, x_orig.detach(), None)
         self.min_val.copy_(torch.min(mn_cur.to(self.min_val.device), self.min_val))
         self.max_val.copy_(torch.max(mx_cur.to(self.max_val.device), self.max_val))
         return x_orig
@@ -111,7 +110,7 @@ class MovingAverageMinMaxObserver(_ao.MovingAverageMinMaxObserver):
     def forward(self, x_orig):
         if not _handled(x_orig):
             return super().forward(x_orig)
-        mn_cur, mx_cur = _batch_minmax(x_orig.detach(), None)
+        mn_cur, mx_cur = _batch_minmax(self, x_orig.detach(), None)
         if mn_cur == float("inf") and mx_cur == float("-inf"):
             return x_orig  # nothing finite in this batch
         mn_cur, mx_cur = mn_cur.to(self.min_val.device), mx_cur.to(self.max_val.device)
@@ -129,7 +128,7 @@ class MovingAverageMinMaxObserver(_ao.MovingAverageMinMaxObserver):
 def _fold_per_channel(obs, x_orig, combine):
     """Folds one tensor's per-channel min/max into ``obs.min_val``/``max_val`` (taken as they are
     when the buffers are still empty, else ``combine(cur_min, cur_max, old_min, old_max)``)."""
-    mn_cur, mx_cur = _batch_minmax(x_orig.detach(), obs.ch_axis)
+    mn_cur, mx_cur = _batch_minmax(obs, x_orig.detach(), obs.ch_axis)
     mn_cur, mx_cur = mn_cur.to(obs.min_val.device), mx_cur.to(obs.max_val.device)
     if obs.min_val.numel() == 0 or obs.max_val.numel() == 0:
         min_val, max_val = mn_cur, mx_cur
