@@ -313,6 +313,27 @@ def test_short_runs_channel_by_channel_exactly(threads, dtype, samples, hw):
         torch.set_num_threads(old)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_short_runs_of_one_channel_span_tiles_exactly(threads):
+    """One channel (a slice of an NCHW tensor): its short runs continue from tile to tile, so a
+    flush comes from the lane budget or the remembered-runs limit, not from a channel change."""
+    if not native_on("cpu"):
+        pytest.skip("no native CPU kernel")
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        base = _make((700, 2, 5, 5), torch.float32, "cpu", kind="heavy")
+        base[3, 0, 1, 1] = float("nan")
+        base[650, 0, 0, 0] = float("inf")
+        x = base[:, :1]
+        for bins, cbins in ((0, 0), (256, 8)):
+            a = ChannelStats(axis=1, bins=bins, channel_bins=cbins).update(x)
+            r = ChannelStats(axis=1, bins=bins, channel_bins=cbins, backend="reference").update(x)
+            assert_stats_match(a, r, torch.float32)
+    finally:
+        torch.set_num_threads(old)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_clear_in_place_equals_a_fresh_object(device):
     """_clear() (the integrations' scratch objects) forgets everything in the same tensors: what

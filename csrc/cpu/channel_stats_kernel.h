@@ -545,12 +545,13 @@ static void run_fold(const typename Ld::in_t* __restrict__ p, int64_t n, int64_t
   }
 }
 
-// Short runs (NCHW with small maps, run < kRunBlock) taken channel by channel across a tile of
+// Short runs (NCHW with small maps, 2 * run <= kRunBlock) taken channel by channel across a tile of
 // samples: channel c's runs in samples q0 .. q0 + T - 1 fold into the same kLanes accumulators,
 // which are reduced into the slot once per channel (or once every kChunk values a lane), instead
 // of once per run as run_fold does (a 7 x 7 map: 49 values against a 16-lane reduction in float64).
-// Each lane still sums at most kChunk values in float. The runs of a flush are remembered, so that
-// a bad flush (a non-finite value, overflow, tiny squares: chunk_bad) is redone by the masked path.
+// Each lane still sums at most kChunk values in float. The runs of a flush are remembered (at most
+// kRunTile, or kChunk when one channel's runs span tiles: C = 1), so that a bad flush (a non-finite
+// value, overflow, tiny squares: chunk_bad) is redone by the masked path.
 template <class Ld>
 struct ShortRuns {
   using acc_t = typename Ld::acc_t;
@@ -616,7 +617,7 @@ struct ShortRuns {
       dq[l] += dq[l + W];
     }
   }
-  // Folds one run of channel c (n < kRunBlock values).
+  // Folds one run of channel c (n <= kRunBlock / 2 values).
   void add(const in_t* __restrict__ q, int64_t n, int64_t c, const Slot<acc_t>& s) {
     const int64_t per_lane = n / kLanes;
     if (c != k || used + per_lane > kChunk || nruns == kChunk) {
@@ -710,8 +711,9 @@ static void runs_task(const void* data, const calibfast::Layout& L, int64_t p0, 
     const bool gather = s.B && !s.N && !table;
     int64_t fill = 0;
     int64_t off[kRunTile];
-    int64_t pi = p0, c = 0, j = 0, T = 0;
-    auto locate = [&]() {  // the tile, channel and sample of pair pi (divisions once per tile)
+    int64_t c = 0, j = 0, T = 0;
+    bool at_tile = true;  // pair pi starts a task or a tile: locate it
+    auto locate = [&](int64_t pi) {  // its tile, channel and sample (divisions once per tile)
       const int64_t q0 = pi / (kRunTile * C) * kRunTile;
       T = std::min(kRunTile, Q - q0);
       for (int64_t t = 0; t < T; ++t) off[t] = L.outer(q0 + t);
@@ -719,8 +721,11 @@ static void runs_task(const void* data, const calibfast::Layout& L, int64_t p0, 
       c = r / T;
       j = r - c * T;
     };
-    if (pi < p1) locate();
-    for (; pi < p1; ++pi) {
+    for (int64_t pi = p0; pi < p1; ++pi) {
+      if (at_tile) {
+        locate(pi);
+        at_tile = false;
+      }
       const typename Ld::in_t* p = base + off[j] + c * L.channel_stride;
       if (stats) acc.add(p, n, c, s);
       if (gather) {
@@ -737,11 +742,7 @@ static void runs_task(const void* data, const calibfast::Layout& L, int64_t p0, 
       }
       if (++j == T) {
         j = 0;
-        if (++c == C && pi + 1 < p1) {
-          ++pi;
-          locate();
-          --pi;
-        }
+        at_tile = ++c == C;
       }
     }
     if (fill) scatter_global(s.idx, fill, s.B, s.hsub);
