@@ -79,6 +79,19 @@ def test_minmax_observer_state_dict_and_reset():
     assert torch.equal(ours.min_val, ref.min_val)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_minmax_observers_per_tensor_equal_torch_ao_in_every_dtype(dtype):
+    """Per tensor on finite data (the CPU aminmax path): exactly torch.ao's buffers and qparams,
+    batch after batch, for the plain and the moving-average observer."""
+    for ours, ref in ((cf.MinMaxObserver(), ao.MinMaxObserver()),
+                      (cf.MovingAverageMinMaxObserver(), ao.MovingAverageMinMaxObserver())):
+        for x in _batches(dtype, 3):
+            ours(x)
+            ref(x)
+            assert torch.equal(ours.min_val, ref.min_val) and torch.equal(ours.max_val, ref.max_val)
+        assert torch.equal(ours.calculate_qparams()[0], ref.calculate_qparams()[0])
+
+
 def test_minmax_observer_ignores_nonfinite():
     # A departure by design: torch.ao's aminmax lets a NaN poison the range; calibfast skips it.
     x = torch.randn(4, 16)
@@ -256,6 +269,22 @@ def test_max_calibrator_exact(axis, dtype):
     assert ours.compute_amax() is None
     with pytest.raises(ValueError, match="NaN"):
         ours.collect(torch.tensor([[1.0, float("nan")]]))
+
+
+@needs_modelopt
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16], ids=str)
+def test_max_calibrator_per_tensor_exact_in_every_dtype(dtype):
+    """Per tensor (the aminmax path): the amax is ModelOpt's, bit for bit, float64 included (the
+    fused op's float32 state would round it); an Inf raises like a NaN."""
+    ref, ours = MOMax(8, None, False), cfm.MaxCalibrator(8, None, False)
+    for x in _batches(dtype, 3):
+        x = x * 1.0000001 if dtype == torch.float64 else x
+        ref.collect(x)
+        ours.collect(x)
+    a, b = ref.compute_amax(), ours.compute_amax()
+    assert a.dtype == b.dtype == dtype and torch.equal(a, b)
+    with pytest.raises(ValueError, match="inf"):
+        ours.collect(torch.tensor([[1.0, -float("inf")]], dtype=dtype))
 
 
 @needs_modelopt

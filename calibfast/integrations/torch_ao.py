@@ -63,6 +63,7 @@ Not covered: pt2e's ``prepare_pt2e`` with XNNPACKQuantizer (torch 2.14 no longer
 ``QuantizationSpec(observer_or_fake_quant_ctr=...)`` the same way.
 """
 
+import math
 import warnings
 
 import torch
@@ -81,6 +82,14 @@ def _batch_minmax(obs, x, axis):
     results are views of them: use them before ``obs``'s next call)."""
     if x.dim() == 0:
         x = x.reshape(1)
+    if axis is None and x.device.type == "cpu":
+        # Per tensor on the CPU: torch's own two-statistic reduction is faster than the six-
+        # statistic fused op (512 x 4096: ~0.2 vs ~0.4 ms) and gives the same result whenever it
+        # is finite (a NaN or +-Inf in x makes it non-finite); otherwise the fused op below, which
+        # skips them. (Not on GPUs: the finiteness check would be a host sync per batch.)
+        mn, mx = torch.aminmax(x)
+        if math.isfinite(mn.item()) and math.isfinite(mx.item()):
+            return mn.float(), mx.float()
     s = _scratch_stats(obs, x, -1 if axis is None else axis)
     if axis is None:
         mn, mx = s.min.min(), s.max.max()
