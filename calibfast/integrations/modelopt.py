@@ -66,6 +66,11 @@ def _kept_axes(x, axis):
     return sorted({a % x.dim() for a in axes})
 
 
+def _raise_on_nonfinite(s):
+    raise ValueError(f"calibfast: MaxCalibrator: {int(s.nan_count.sum())} NaN and {int(s.inf_count.sum())} "
+                     "inf values in the tensor (ModelOpt's MaxCalibrator asserts on them too)")
+
+
 class MaxCalibrator(_Calibrator):
     """ModelOpt's ``MaxCalibrator``: the running abs-max, per tensor or along ``axis``."""
 
@@ -81,34 +86,29 @@ class MaxCalibrator(_Calibrator):
         return self._amaxs
 
     def _local_amax(self, x):
-        """ModelOpt's reduce_amax(x, reduce axes, keepdims=True) (0-d per tensor), from one fused read."""
+        """ModelOpt's reduce_amax(x, reduce axes, keepdims=True) (0-d per tensor), from one read."""
         if x.dim() == 0:
             x = x.reshape(1)
         if self._axis is None:
             # torch's two-statistic reduction: faster than the six-statistic fused op for one
             # value per tensor, exact (the maximum is one of the values), and this calibrator
-            # syncs once a batch anyway (below) to raise on NaN / Inf, as ModelOpt's does.
+            # syncs once a batch anyway to raise on NaN / Inf, as ModelOpt's does. A non-finite
+            # result means such values are there: the fused op counts them for the error.
             mn, mx = torch.aminmax(x)
             amax = torch.maximum(mx, -mn)
-            if math.isfinite(amax.item()):
-                return amax.abs()  # abs: +0.0 for an all-(-0.0) tensor
-            s = _scratch_stats(self, x, -1)  # to count the NaN / Inf values for the error
-            amax = s.absmax.max()
-            shape = ()
+            if not math.isfinite(amax.item()):
+                _raise_on_nonfinite(_scratch_stats(self, x, -1))
+            return amax.abs()  # abs: +0.0 for an all-(-0.0) tensor
+        kept = _kept_axes(x, self._axis)
+        if len(kept) == 1:
+            s = _scratch_stats(self, x, kept[0])
         else:
-            kept = _kept_axes(x, self._axis)
-            if len(kept) == 1:
-                s = _scratch_stats(self, x, kept[0])
-            else:
-                moved = x.movedim(kept, list(range(len(kept))))
-                s = _scratch_stats(self, moved.reshape(-1, *moved.shape[len(kept):]), 0)
-            amax = s.absmax
-            shape = [x.shape[d] if d in kept else 1 for d in range(x.dim())]
-        bad = s.nan_count.sum() + s.inf_count.sum()
-        if bool(bad != 0):
-            raise ValueError(f"calibfast: MaxCalibrator: {int(s.nan_count.sum())} NaN and {int(s.inf_count.sum())} "
-                             "inf values in the tensor (ModelOpt's MaxCalibrator asserts on them too)")
-        amax = amax.abs().reshape(shape).to(x.dtype)  # abs: +0.0 for an all-(-0.0) channel
+            moved = x.movedim(kept, list(range(len(kept))))
+            s = _scratch_stats(self, moved.reshape(-1, *moved.shape[len(kept):]), 0)
+        if bool(s.nan_count.sum() + s.inf_count.sum() != 0):
+            _raise_on_nonfinite(s)
+        shape = [x.shape[d] if d in kept else 1 for d in range(x.dim())]
+        amax = s.absmax.abs().reshape(shape).to(x.dtype)  # abs: +0.0 for an all-(-0.0) channel
         if amax.numel() == 1 and amax.dim() > 0:
             amax = amax.squeeze()
         return amax

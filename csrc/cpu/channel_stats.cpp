@@ -603,6 +603,15 @@ static typename Ld::acc_t sample_absmax(const at::Tensor& x, const Layout& L, in
   return m;
 }
 
+// The bin of a kept |x| under the final range, as bin_indices computes it (floor(|x| * scale));
+// B or more: not binned.
+template <typename acc_t>
+static int64_t kept_bin(acc_t a, acc_t scale, int64_t B) {
+  acc_t f = a * scale;
+  f = f < static_cast<acc_t>(B) ? f : static_cast<acc_t>(B);
+  return static_cast<int64_t>(f);
+}
+
 // Whether every thread kept all the values it met beyond its range (counts [threads][kLine]).
 static bool kept_all(const std::vector<int64_t>& counts) {
   for (size_t t = 0; t < counts.size(); t += kLine)
@@ -724,13 +733,10 @@ static void update_typed(const at::Tensor& x, const Layout& L, float* fst, doubl
       // range from the kept values when every thread kept all of its own, else read it again.
       if (h1.ovf != nullptr && kept_all(beyond_n)) {
         const acc_t sc = bin_scale<acc_t>(B, e_new);
-        const acc_t Bf = static_cast<acc_t>(B);
         for (size_t t = 0; t < beyond_n.size(); t += kLine) {
           const acc_t* v = beyond + (t / kLine) * kBeyondCap;
           for (int64_t j = 0; j < beyond_n[t]; ++j) {
-            acc_t f = v[j] * sc;  // as bin_indices: floor(|x| * scale), B and above not binned
-            f = f < Bf ? f : Bf;
-            const int64_t b = static_cast<int64_t>(f);
+            const int64_t b = kept_bin(v[j], sc, B);
             if (b < B) hist[b] += 1;
           }
         }
@@ -758,16 +764,13 @@ static void update_typed(const at::Tensor& x, const Layout& L, float* fst, doubl
     if (any && kept) {
       // Bin the kept values of the channels whose range grew with their new range (what the
       // second pass would bin: clo = 2^e_old there, and nothing for the channels that did not).
-      const acc_t Nf = static_cast<acc_t>(N);
       for (size_t t = 0; t < cbeyond_n.size(); t += kLine) {
         const int64_t* kc = h1.covf_c + (t / kLine) * kBeyondCap;
         const acc_t* kv = h1.covf_v + (t / kLine) * kBeyondCap;
         for (int64_t j = 0; j < cbeyond_n[t]; ++j) {
           const int64_t c = kc[j];
           if (chexp[c] == chexp[C + c]) continue;
-          acc_t f = kv[j] * cscale[c];
-          f = f < Nf ? f : Nf;
-          const int64_t b = static_cast<int64_t>(f);
+          const int64_t b = kept_bin(kv[j], cscale[c], N);
           if (b < N) chist[c * N + b] += 1;
         }
       }

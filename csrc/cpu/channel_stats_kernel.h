@@ -86,14 +86,18 @@ static inline void fold_chunk(const Slot<acc_t>& s, int64_t c0, int64_t n, const
 // are redone by the masked float64 path (row_slow):
 //   - sum |x| not finite: a NaN or +-Inf among the values (sum |x| >= |sum x|, so it covers sum x);
 //   - sum x^2 not finite: it overflowed on huge finite values (|x|^2 beyond FLT_MAX);
-//   - sum x^2 below kTinySq while sum |x| is not zero: the squares of values below ~2^-63 fall into
+//   - sum x^2 below tiny_sq while sum |x| is not zero: the squares of values below ~2^-63 fall into
 //     float's subnormal range (2^-149 resolution) or to zero (|x| < ~1e-23), losing precision the
-//     float64 reference keeps. Above kTinySq = FLT_MIN * 2^24, the subnormal rounding of kChunk
-//     squares costs at most kChunk * 2^-150 / kTinySq = 2^-42 of the sum: far below float's own.
+//     float64 reference keeps. Above tiny_sq = FLT_MIN * 2^24, the subnormal rounding of kChunk
+//     squares costs at most kChunk * 2^-150 / tiny_sq = 2^-42 of the sum: far below float's own.
+template <typename acc_t>
+constexpr acc_t tiny_sq() {
+  return std::numeric_limits<acc_t>::min() * static_cast<acc_t>(16777216.0);
+}
+
 template <typename acc_t>
 static inline int chunk_bad(acc_t sabs, acc_t sq) {
-  const acc_t kTinySq = std::numeric_limits<acc_t>::min() * static_cast<acc_t>(16777216.0);
-  return ((sabs - sabs) != (sabs - sabs)) | ((sq - sq) != (sq - sq)) | ((sq < kTinySq) & (sabs > 0));
+  return ((sabs - sabs) != (sabs - sabs)) | ((sq - sq) != (sq - sq)) | ((sq < tiny_sq<acc_t>()) & (sabs > 0));
 }
 
 template <typename acc_t>
@@ -461,9 +465,9 @@ static void rows_range(const typename Ld::in_t* base, const calibfast::Layout& L
     }
     // the chunk (kChunk rows) is still in cache for the per-channel histograms
     if (s.N) channel_hist_rows<Ld, kUnit>(base, L, rc, re, c0, n, s);
-    int bad = 0;
-    for (int64_t c = 0; c < n; ++c) bad |= chunk_bad(csabs[c], cssq[c]);
-    if (!bad) {
+    int64_t nbad = 0;
+    for (int64_t c = 0; c < n; ++c) nbad += chunk_bad(csabs[c], cssq[c]);
+    if (nbad == 0) {
       fold_chunk(s, c0, n, cmn, cmx, camn, csum, csabs, cssq);
       continue;
     }
@@ -471,8 +475,6 @@ static void rows_range(const typename Ld::in_t* base, const calibfast::Layout& L
     // masked attention scores hold -inf in a few channels of every row, and redoing whole chunks
     // cost them ~10x a finite input. When many channels of the chunk are bad, the rows are redone
     // whole (row by row reads the chunk in order).
-    int64_t nbad = 0;
-    for (int64_t c = 0; c < n; ++c) nbad += chunk_bad(csabs[c], cssq[c]);
     if (nbad * 8 > n) {
       for (r = rc; r < re; ++r) row_slow<Ld>(base + L.offsets(r) + c0 * cs, c0, n, cs, s);
       continue;
@@ -589,8 +591,8 @@ struct ShortRuns {
     halve<4>(ds, da, dq);
     halve<2>(ds, da, dq);
     halve<1>(ds, da, dq);
-    const double kTinySq = static_cast<double>(std::numeric_limits<acc_t>::min()) * 16777216.0;
-    if (std::isfinite(da[0]) && std::isfinite(dq[0]) && !(dq[0] < kTinySq && da[0] > 0) && std::isfinite(tsa)) {
+    const double tiny = static_cast<double>(tiny_sq<acc_t>());
+    if (std::isfinite(da[0]) && std::isfinite(dq[0]) && !(dq[0] < tiny && da[0] > 0) && std::isfinite(tsa)) {
       acc_t rmn = tmn < mn[0] ? tmn : mn[0];
       acc_t rmx = tmx > mx[0] ? tmx : mx[0];
       acc_t ramn = tamn < amn[0] ? tamn : amn[0];

@@ -442,9 +442,10 @@ __global__ void __launch_bounds__(32 * kWarps, 3)
   const int64_t r_begin = static_cast<int64_t>(blockIdx.y) * rows_per_block;
   const int64_t r_end = min(rows, r_begin + rows_per_block);
   // kU rows of this thread's 4 channels: loads first (all in flight), then folded without a branch
-  // per value: a value off the fast path (NaN, +-Inf, |x| >= 2^32, 0 < |x| < 2^-60) enters the float partial sums
-  // as 0 and the min/max as NaN (which fminf/fmaxf ignore), and is handled after the step, which
-  // branches once. kGuard: rows at or past r_end may occur (the last step of a thread only).
+  // per value: a value off the fast path (NaN, +-Inf, |x| >= 2^32, 0 < |x| < 2^-60) enters the
+  // float partial sums as 0 and the min/max as NaN (which fminf/fmaxf ignore), and is handled after
+  // the step, which branches once. kGuard: rows at or past r_end may occur (the last step of a
+  // thread only).
   auto step = [&](int64_t r, auto guard) {
     constexpr bool kGuard = decltype(guard)::value;
     Pack<in_t, kVec2> v[kU];
