@@ -1,0 +1,95 @@
+"""A/B timing of two builds of calibfast, as session 6 measured them (benchmarks/NOTES.md, v33-v39).
+
+Build the older commit in a clone (`git clone . /tmp/old && cd /tmp/old && git checkout REV &&
+CALIBFAST_CUDA=0 python setup.py build_ext --inplace`), then alternate processes, e.g.
+
+    for i in 1 2 3; do for d in /tmp/old "$PWD"; do
+        PYTHONPATH=$d python benchmarks/ab_builds.py short $d; done; done
+
+and read the fastest figure of each build. The script refuses to run when the calibfast it imports
+does not come from BUILD_DIR (two "builds" that were one build twice is the usual A/B mistake).
+
+Cases (times in µs unless marked):
+  redo       4096 x 4096 float32: randn, -inf in channel 7 of every row, every value ~1e-25 (ms)
+  short      NCHW with small maps against the same values as tokens x channels
+  group      NCHW 7 x 7 / 14 x 14 maps with 8 to 64 samples (grouped rows from 40 samples, short runs
+             below: compare builds with different kGroupMinRows)
+  small      per-call time of small updates
+  observers  calibfast.integrations.torch_ao observers against torch.ao's own
+"""
+
+import argparse
+import sys
+import time
+
+import torch
+
+
+def best(fn, n, reps):
+    b = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        b = min(b, (time.perf_counter() - t0) / n)
+    return b
+
+
+def stats_case(shapes, bins_list, n_for, scale_ms=False):
+    from calibfast import ChannelStats
+    out = []
+    for shape, axis, make in shapes:
+        x = make(shape)
+        for bins in bins_list:
+            s = ChannelStats(axis=axis, bins=bins).update(x)
+            t = best(lambda: s.update(x), n_for(x), 5)
+            out.append(f"{tuple(shape)} bins={bins}: " + (f"{t * 1e3:.1f} ms" if scale_ms else f"{t * 1e6:.0f}"))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("case", choices=["redo", "short", "group", "small", "observers"])
+    ap.add_argument("build_dir")
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    import calibfast
+    if not calibfast.__file__.startswith(a.build_dir):
+        sys.exit(f"calibfast comes from {calibfast.__file__}, not {a.build_dir}: set PYTHONPATH={a.build_dir}")
+    torch.set_num_threads(a.threads)
+    g = torch.Generator().manual_seed(0)
+    randn = lambda shape: torch.randn(shape, generator=g)  # noqa: E731
+    if a.case == "redo":
+        def neg_inf(shape):
+            x = randn(shape)
+            x[:, 7] = -float("inf")
+            return x
+        out = stats_case([((4096, 4096), -1, randn), ((4096, 4096), -1, neg_inf),
+                          ((4096, 4096), -1, lambda s: randn(s) * 1e-25)], (0, 2048), lambda x: 7, scale_ms=True)
+    elif a.case == "short":
+        out = stats_case([((1, 2048, 7, 7), 1, randn), ((49, 2048), -1, randn), ((4, 2048, 7, 7), 1, randn),
+                          ((196, 2048), -1, randn), ((2, 512, 14, 14), 1, randn), ((392, 512), -1, randn)],
+                         (0, 2048), lambda x: 300)
+    elif a.case == "group":
+        out = stats_case([((n, 2048, 7, 7), 1, randn) for n in (8, 16, 32, 64)]
+                         + [((16, 512, 14, 14), 1, randn), ((48, 512, 14, 14), 1, randn)], (0, 2048), lambda x: 100)
+    elif a.case == "small":
+        out = stats_case([(s, -1, randn) for s in ((16, 384), (128, 384), (16, 4096), (1, 4096))], (0,),
+                         lambda x: 1000)
+    else:
+        from torch.ao.quantization import observer as ao
+        from calibfast.integrations import torch_ao as cao
+        out = []
+        for shape in ((16, 384), (512, 4096)):
+            x = randn(shape)
+            for name, mk in (("MinMax", cao.MinMaxObserver), ("ao.MinMax", ao.MinMaxObserver),
+                             ("PerChannel", lambda: cao.PerChannelMinMaxObserver(ch_axis=1)),
+                             ("ao.PerChannel", lambda: ao.PerChannelMinMaxObserver(ch_axis=1))):
+                o = mk()
+                o(x)
+                out.append(f"{shape} {name}: {best(lambda: o(x), 300 if shape[0] == 16 else 20, 5) * 1e6:.0f}")
+    print(a.build_dir, f"threads={a.threads}", " | ".join(out))
+
+
+if __name__ == "__main__":
+    main()
