@@ -16,6 +16,10 @@ Cases (times in µs unless marked):
              below: compare builds with different kGroupMinRows)
   small      per-call time of small updates
   observers  calibfast.integrations.torch_ao observers against torch.ao's own
+  hist       the global histogram's cost (session 7, v40: the branch-free scatter): stats alone and
+             with 2048 bins, randn and "crowded" data (an outlier channel 64x the rest, so that most
+             values fall in the lowest bins, as in MiniLM's activations), MiniLM's shapes and
+             8192 x 4096 (ms)
 """
 
 import argparse
@@ -38,18 +42,19 @@ def best(fn, n, reps):
 def stats_case(shapes, bins_list, n_for, scale_ms=False):
     from calibfast import ChannelStats
     out = []
-    for shape, axis, make in shapes:
+    for shape, axis, make, *label in shapes:
         x = make(shape)
+        name = f"{label[0]} " if label else ""
         for bins in bins_list:
             s = ChannelStats(axis=axis, bins=bins).update(x)
             t = best(lambda: s.update(x), n_for(x), 5)
-            out.append(f"{tuple(shape)} bins={bins}: " + (f"{t * 1e3:.1f} ms" if scale_ms else f"{t * 1e6:.0f}"))
+            out.append(f"{name}{tuple(shape)} bins={bins}: " + (f"{t * 1e3:.1f} ms" if scale_ms else f"{t * 1e6:.0f}"))
     return out
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("case", choices=["redo", "short", "group", "small", "observers"])
+    ap.add_argument("case", choices=["redo", "short", "group", "small", "observers", "hist"])
     ap.add_argument("build_dir")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
@@ -64,8 +69,9 @@ def main():
             x = randn(shape)
             x[:, 7] = -float("inf")
             return x
-        out = stats_case([((4096, 4096), -1, randn), ((4096, 4096), -1, neg_inf),
-                          ((4096, 4096), -1, lambda s: randn(s) * 1e-25)], (0, 2048), lambda x: 7, scale_ms=True)
+        out = stats_case([((4096, 4096), -1, randn, "randn"), ((4096, 4096), -1, neg_inf, "-inf"),
+                          ((4096, 4096), -1, lambda s: randn(s) * 1e-25, "tiny")], (0, 2048), lambda x: 7,
+                         scale_ms=True)
     elif a.case == "short":
         out = stats_case([((1, 2048, 7, 7), 1, randn), ((49, 2048), -1, randn), ((4, 2048, 7, 7), 1, randn),
                           ((196, 2048), -1, randn), ((2, 512, 14, 14), 1, randn), ((392, 512), -1, randn)],
@@ -76,6 +82,17 @@ def main():
     elif a.case == "small":
         out = stats_case([(s, -1, randn) for s in ((16, 384), (128, 384), (16, 4096), (1, 4096))], (0,),
                          lambda x: 1000)
+    elif a.case == "hist":
+        def crowded(shape):
+            x = randn(shape)
+            x[..., 3] *= 64
+            return x
+        small = [((1728, 384), -1, randn, "randn"), ((1728, 384), -1, crowded, "crowded"),
+                 ((1728, 1536), -1, crowded, "crowded"), ((1728, 384), -1, lambda s: crowded(s).bfloat16(), "bf16"),
+                 ((4, 2048, 7, 7), 1, randn, "randn")]
+        out = stats_case(small, (0, 2048), lambda x: 100)
+        out += stats_case([((8192, 4096), -1, randn, "randn"), ((8192, 4096), -1, crowded, "crowded")], (0, 2048),
+                          lambda x: 5, scale_ms=True)
     else:
         from torch.ao.quantization import observer as ao
         from calibfast.integrations import torch_ao as cao

@@ -29,6 +29,16 @@ namespace cpu {
 constexpr int64_t kChunk = 64;  // rows (row kernels) or values per lane (run kernels) per chunk
 constexpr int kLanes = 16;      // independent accumulators in the run kernels
 constexpr int kSubHists = 2;    // interleaved copies of the global histogram per thread
+// Counters around each copy of the global histogram's B bins (one pad before the first copy, one
+// after each): indices -1 (NaN, Inf) and B (a finite value not binned) land in these instead of
+// being tested for, so that the scatter loop
+// has no branch (session 7: 10-35% faster increments, most on data crowded into a few bins).
+// 16 keeps each copy's start on a 64-byte line.
+constexpr int64_t kHistPad = 16;
+// Bin indices computed at a time before they are scattered: 4 KB, so that they and the counters
+// (2 x 8 KB for 2048 bins) stay in the 32 KB L1 together (a whole row of 4096 channels at once,
+// 16 KB of indices, pushed the counters out).
+constexpr int64_t kIdxBlock = 1024;
 constexpr int64_t kTileC = 128; // channels per tile of the per-channel histogram pass
 constexpr int64_t kWideBlock = 4096;  // channels folded at a time when a row has over 2x this many
 constexpr int64_t kParallelMergeC = 16384;  // channels from which the slots are merged in parallel
@@ -125,7 +135,8 @@ struct Slot {
   int64_t B = 0;
   acc_t hscale = 0, hlo = 0;
   bool table = false;       // 16-bit inputs: hsub counts bit patterns ([kSubHists][kTab]) into raw_out
-  int32_t* hsub = nullptr;  // [kSubHists][B]
+  int32_t* hsub = nullptr;  // [kSubHists][hstride], after kHistPad counters of pad
+  int64_t hstride = 0;      // counters per copy: B + kHistPad (the pads take what is not binned), or kTab
   int64_t* raw_out = nullptr;  // the call's pattern counts: [kTab]
   int64_t N = 0;
   const acc_t* cscale = nullptr;  // [C]
@@ -161,10 +172,10 @@ struct Slot {
       int64_t* out = table ? raw_out : hist_out;
       for (int64_t i = 0; i < H; ++i) {
         int64_t t = 0;
-        for (int k = 0; k < kSubHists; ++k) t += hsub[k * H + i];
+        for (int k = 0; k < kSubHists; ++k) t += hsub[k * hstride + i];
         out[i] += t;
       }
-      std::fill(hsub, hsub + kSubHists * H, 0);
+      std::fill(hsub - kHistPad, hsub + kSubHists * hstride, 0);  // the pads too: they count (and must not overflow)
     }
     if (N) {
       for (int64_t i = 0; i < N * C; ++i) chist_out[i] += csub[i];
@@ -338,20 +349,20 @@ struct Slots {
   double* d = nullptr;         // [n][3][Cs]: sum, sum|x|, sum x^2
   int64_t* k = nullptr;        // [n][2][Cs]: nan, inf
   acc_t* scratch = nullptr;    // [n][6][C]: chunk accumulators of the row kernels
-  int32_t* hsub = nullptr;     // [n][kSubHists][B]: global histogram counters  } in the
-  int32_t* csub = nullptr;     // [n][C][N]: per-channel histogram counters     } counter cache
+  int32_t* hsub = nullptr;     // [n][kHistPad + kSubHists * HB]: global histogram } in the
+  int32_t* csub = nullptr;     // [n][C][N]: per-channel histograms                } counter cache
   int32_t* idx = nullptr;      // [n][max(C, kRunBlock, kChunk * kTileC)]: bin indices
   std::vector<int64_t> pending;  // [n][kLine]: one cache line per thread (no false sharing)
   std::vector<int64_t> ready;    // [n][kLine]: whether slot t's statistics are initialised
   std::mutex mu;
   int64_t B = 0, N = 0, idx_len = 0;
-  int64_t HB = 0;  // counters per copy of the global histogram: B, or kTab in table mode
+  int64_t HB = 0;  // counters per copy of the global histogram: B + kHistPad, or kTab in table mode
   int64_t* hist_out;
   int64_t* chist_out;
 
   Slots(int64_t C_, int64_t group_, int n_, bool stats, bool rows, int64_t B_, bool table, int64_t N_, int64_t* hist,
         int64_t* chist)
-      : C(C_), group(group_), Cs(C_ / group_), n(n_), B(B_), N(N_), HB(table ? kTab : B_), hist_out(hist),
+      : C(C_), group(group_), Cs(C_ / group_), n(n_), B(B_), N(N_), HB(table ? kTab : B_ + kHistPad), hist_out(hist),
         chist_out(chist) {
     SlotBuffers<acc_t>& buf = slot_buffers<acc_t>();
     if (stats) {
@@ -362,9 +373,9 @@ struct Slots {
       ready.assign(n * kLine, 0);
     }
     if (B || N) {
-      int32_t* counters = zeroed_counters((kSubHists * HB + N * C) * n);
+      int32_t* counters = zeroed_counters((kHistPad + kSubHists * HB + N * C) * n);
       hsub = counters;
-      csub = counters + kSubHists * HB * n;
+      csub = counters + (kHistPad + kSubHists * HB) * n;
       idx_len = std::max<int64_t>({C, kRunBlock, kChunk * kTileC});
       idx = at_least(buf.idx, idx_len * n);
       pending.assign(n * kLine, 0);
@@ -409,7 +420,10 @@ struct Slots {
       s.covf_v += s.covf_cap * t;
       s.covf_n += kLine * t;
     }
-    if (B) s.hsub = hsub + kSubHists * HB * t;
+    if (B) {
+      s.hsub = hsub + (kHistPad + kSubHists * HB) * t + kHistPad;
+      s.hstride = HB;
+    }
     if (N) s.csub = csub + N * C * t;
     if (B || N) {
       s.idx = idx + idx_len * t;
