@@ -20,6 +20,7 @@ Cases (times in µs unless marked):
              with 2048 bins, randn and "crowded" data (an outlier channel 64x the rest, so that most
              values fall in the lowest bins, as in MiniLM's activations), MiniLM's shapes and
              8192 x 4096 (ms)
+  chist      the same with 256-bin per-channel histograms (rows, NCHW runs)
 """
 
 import argparse
@@ -46,15 +47,16 @@ def stats_case(shapes, bins_list, n_for, scale_ms=False):
         x = make(shape)
         name = f"{label[0]} " if label else ""
         for bins in bins_list:
-            s = ChannelStats(axis=axis, bins=bins).update(x)
+            bins, cbins = bins if isinstance(bins, tuple) else (bins, 0)
+            s = ChannelStats(axis=axis, bins=bins, channel_bins=cbins).update(x)
             t = best(lambda: s.update(x), n_for(x), 5)
-            out.append(f"{name}{tuple(shape)} bins={bins}: " + (f"{t * 1e3:.1f} ms" if scale_ms else f"{t * 1e6:.0f}"))
+            out.append(f"{name}{tuple(shape)} bins={bins}" + (f"+{cbins}" if cbins else "") + ": " + (f"{t * 1e3:.1f} ms" if scale_ms else f"{t * 1e6:.0f}"))
     return out
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("case", choices=["redo", "short", "group", "small", "observers", "hist"])
+    ap.add_argument("case", choices=["redo", "short", "group", "small", "observers", "hist", "chist"])
     ap.add_argument("build_dir")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
@@ -64,6 +66,12 @@ def main():
     torch.set_num_threads(a.threads)
     g = torch.Generator().manual_seed(0)
     randn = lambda shape: torch.randn(shape, generator=g)  # noqa: E731
+
+    def crowded(shape):  # an outlier channel 64x the rest: most values in the lowest bins
+        x = randn(shape)
+        x[..., 3] *= 64
+        return x
+
     if a.case == "redo":
         def neg_inf(shape):
             x = randn(shape)
@@ -82,11 +90,11 @@ def main():
     elif a.case == "small":
         out = stats_case([(s, -1, randn) for s in ((16, 384), (128, 384), (16, 4096), (1, 4096))], (0,),
                          lambda x: 1000)
+    elif a.case == "chist":
+        out = stats_case([((1728, 384), -1, randn, "randn"), ((1728, 384), -1, crowded, "crowded"),
+                          ((4, 256, 28, 28), 1, randn, "randn")], (0, (2048, 256)), lambda x: 30)
+        out += stats_case([((8192, 4096), -1, randn, "randn")], (0, (2048, 256)), lambda x: 3, scale_ms=True)
     elif a.case == "hist":
-        def crowded(shape):
-            x = randn(shape)
-            x[..., 3] *= 64
-            return x
         small = [((1728, 384), -1, randn, "randn"), ((1728, 384), -1, crowded, "crowded"),
                  ((1728, 1536), -1, crowded, "crowded"), ((1728, 384), -1, lambda s: crowded(s).bfloat16(), "bf16"),
                  ((4, 2048, 7, 7), 1, randn, "randn")]

@@ -185,8 +185,8 @@ static inline void keep_beyond(const typename Ld::in_t* __restrict__ p, int64_t 
   }
 }
 
-// Same, with a scale and lower bound per channel (channel c0 + c), except that NaN and Inf get
-// index N + 1 and do not count in the return value (whether a finite value was left out).
+// Same, with a scale and lower bound per channel (channel c0 + c); the same indices (-1 .. N) and
+// return value.
 template <class Ld, bool kUnit>
 static inline int32_t channel_bin_indices(const typename Ld::in_t* __restrict__ p, int64_t n, int64_t cs,
                                           const typename Ld::acc_t* __restrict__ scale,
@@ -196,17 +196,17 @@ static inline int32_t channel_bin_indices(const typename Ld::in_t* __restrict__ 
   const acc_t inf = std::numeric_limits<acc_t>::infinity();
   const acc_t Nf = static_cast<acc_t>(N);
   const int32_t Ni = static_cast<int32_t>(N);
-  int32_t left_out = 0;
+  int32_t top = 0;
   for (int64_t c = 0; c < n; ++c) {
     const acc_t a = std::fabs(Ld::load(p[kUnit ? c : c * cs]));
     acc_t f = a * scale[c];
     f = f < Nf ? f : Nf;
     int32_t i = a >= lo[c] ? static_cast<int32_t>(f) : Ni;
-    i = a < inf ? i : Ni + 1;
+    i = a < inf ? i : -1;
     out[c] = i;
-    left_out |= i == Ni;
+    top = i > top ? i : top;
   }
-  return left_out;
+  return top >= Ni;
 }
 
 // The per-channel counterpart of keep_beyond: the finite |x| >= s.covf_at[channel] of n values
@@ -321,18 +321,15 @@ static inline void hist_rows(const typename Ld::in_t* const* p, int R, int64_t n
   s.note_binned(n * R);
 }
 
-// Increments K adjacent channels' histograms (N counters each, from h) with R rows of bin
-// indices (row r at idx + r * kTileC; index N and above: not binned).
+// Increments K adjacent channels' histograms (stride S counters each, from h) with R rows of bin
+// indices (row r at idx + r * kTileC; -1 and N: not binned, they land in the pads around each
+// channel's N counters: no test per value).
 template <int K>
-static inline void channel_scatter(const int32_t* idx, int64_t R, int32_t* h, int64_t N) {
-  const uint32_t Nu = static_cast<uint32_t>(N);
+static inline void channel_scatter(const int32_t* __restrict__ idx, int64_t R, int32_t* __restrict__ h, int64_t S) {
   for (int64_t r = 0; r < R; ++r) {
     const int32_t* ir = idx + r * kTileC;
 #pragma GCC unroll 8
-    for (int k = 0; k < K; ++k) {
-      const uint32_t i = static_cast<uint32_t>(ir[k]);
-      if (i < Nu) h[k * N + i] += 1;
-    }
+    for (int k = 0; k < K; ++k) h[k * S + ir[k]] += 1;
   }
 }
 
@@ -359,8 +356,8 @@ static void channel_hist_rows(const typename Ld::in_t* base, const calibfast::La
     constexpr int kInterleave = 8;
     int64_t c = 0;
     for (; c + kInterleave <= tn; c += kInterleave)
-      channel_scatter<kInterleave>(s.idx + c, R, s.csub + (ca + c) * s.N, s.N);
-    for (; c < tn; ++c) channel_scatter<1>(s.idx + c, R, s.csub + (ca + c) * s.N, s.N);
+      channel_scatter<kInterleave>(s.idx + c, R, s.csub + (ca + c) * s.cstride, s.cstride);
+    for (; c < tn; ++c) channel_scatter<1>(s.idx + c, R, s.csub + (ca + c) * s.cstride, s.cstride);
   }
   s.note_binned(R * n);
 }
@@ -385,12 +382,8 @@ static inline void hist_run(const typename Ld::in_t* p, int64_t n, int64_t k, co
   if (s.N) {
     const int32_t left_out = bin_indices<Ld, true>(p, n, 1, s.cscale[k], s.clo[k], s.N, s.idx);
     if (left_out && wants_channel_beyond(s)) keep_beyond_channels<Ld, true, true>(p, n, 1, k, s);
-    const uint32_t N = static_cast<uint32_t>(s.N);
-    int32_t* h = s.csub + k * s.N;
-    for (int64_t j = 0; j < n; ++j) {
-      const uint32_t i = static_cast<uint32_t>(s.idx[j]);
-      if (i < N) h[i] += 1;
-    }
+    int32_t* h = s.csub + k * s.cstride;  // (-1 and N land in the pads)
+    for (int64_t j = 0; j < n; ++j) h[s.idx[j]] += 1;
   }
   s.note_binned(n);
 }
