@@ -58,6 +58,35 @@ __attribute__((noinline)) void scatter(const int32_t* __restrict__ idx, int64_t 
   for (int64_t j = i; j < n; ++j) h[idx[j]] += 1;
 }
 
+// calibfast's increments since session 7: 2 interleaved copies, no test per value (indices that
+// are not bins land in pads), two indices per 64-bit load.
+__attribute__((noinline)) void scatter_pairs(const int32_t* __restrict__ idx, int64_t n, int64_t stride,
+                                             int32_t* __restrict__ h) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int k = 0; k < 4; ++k) {
+      uint64_t w;
+      std::memcpy(&w, idx + i + 2 * k, 8);
+      h[static_cast<int32_t>(static_cast<uint32_t>(w))] += 1;
+      h[stride + static_cast<int32_t>(static_cast<uint32_t>(w >> 32))] += 1;
+    }
+  }
+  for (int64_t j = i; j < n; ++j) h[idx[j]] += 1;
+}
+
+// calibfast's increments to session 6: 2 interleaved copies, a test per value (index < B).
+__attribute__((noinline)) void scatter_tested(const int32_t* __restrict__ idx, int64_t n, int64_t stride,
+                                              int32_t* __restrict__ h) {
+  const uint32_t Bu = 2048;
+  int64_t i = 0;
+  for (; i + 2 <= n; i += 2)
+    for (int k = 0; k < 2; ++k) {
+      const uint32_t j = static_cast<uint32_t>(idx[i + k]);
+      if (j < Bu) h[k * stride + j] += 1;
+    }
+  for (int64_t j = i; j < n; ++j) h[idx[j]] += 1;
+}
+
 // 16-bit bit-pattern counting as calibfast's bf16/fp16 path does it: 4 values per 64-bit load.
 __attribute__((noinline)) void count_patterns(const uint16_t* __restrict__ p, int64_t n, int32_t* __restrict__ t) {
   constexpr int64_t T = 1 << 15;
@@ -127,6 +156,12 @@ int main(int argc, char** argv) {
               }));
   std::printf("increment_2copies_l1 %.4f\n", best_ns(reps, kL1 * kRep, [&] {
                 for (int r = 0; r < kRep; ++r) scatter<2>(idx.data(), kL1, B + 16, h.data());
+              }));
+  std::printf("increment_2copies_tested_l1 %.4f\n", best_ns(reps, kL1 * kRep, [&] {
+                for (int r = 0; r < kRep; ++r) scatter_tested(idx.data(), kL1, B + 16, h.data());
+              }));
+  std::printf("increment_2copies_pairs_l1 %.4f\n", best_ns(reps, kL1 * kRep, [&] {
+                for (int r = 0; r < kRep; ++r) scatter_pairs(idx.data(), kL1, B + 16, h.data());
               }));
   std::printf("increment_4copies_l1 %.4f\n", best_ns(reps, kL1 * kRep, [&] {
                 for (int r = 0; r < kRep; ++r) scatter<4>(idx.data(), kL1, B + 16, h.data());

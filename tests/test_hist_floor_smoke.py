@@ -27,9 +27,9 @@ def test_tiny_run_writes_every_row(tmp_path, capsys):
         assert 0 < ns < 1e4, row
     bounds = [line for line in md.splitlines() if re.match(r"\| (float32|bfloat16) \|", line)]
     assert len(bounds) == 2
-    # 64 x 96 values on the torch threads at the 2-copy increment cost
+    # 64 x 96 values on the torch threads at calibfast's increment cost
     inc = float(next(line for line in md.splitlines()
-                     if line.startswith(f"| {hist_floor.ROWS['increment_2copies_l1']} |")).rstrip(" |").rsplit("|", 1)[1])
+                     if line.startswith(f"| {hist_floor.ROWS['increment_2copies_pairs_l1']} |")).rstrip(" |").rsplit("|", 1)[1])
     import torch
 
     want = 64 * 96 / torch.get_num_threads() * inc * 1e-6
