@@ -19,6 +19,7 @@
 #include <mutex>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../common.h"
@@ -141,8 +142,7 @@ struct Slot {
   int64_t N = 0;
   const acc_t* cscale = nullptr;  // [C]
   const acc_t* clo = nullptr;     // [C]
-  int32_t* csub = nullptr;        // [C][cstride], after kHistPad counters of pad
-  int64_t cstride = 0;            // counters per channel: N + kHistPad (the pads take what is not binned)
+  int32_t* csub = nullptr;        // [C][cstride()], after kHistPad counters of pad
   int32_t* idx = nullptr;         // scratch: max(C, kRunBlock, kChunk * kTileC) bin indices
   // Values beyond the global range, kept while the call's range may still grow (keep_beyond):
   // Slots::slot points these at this thread's part of the call's buffer (nullptr: not kept).
@@ -161,6 +161,8 @@ struct Slot {
   int64_t* chist_out = nullptr;   // the op's state: [C][N]
   std::mutex* mu = nullptr;
 
+  // counters per channel of csub: N + kHistPad (the pads take what is not binned)
+  int64_t cstride() const { return N + kHistPad; }
   void note_binned(int64_t n) const {
     *pending += n;
     if (*pending > (int64_t(1) << 30)) flush();
@@ -180,8 +182,8 @@ struct Slot {
     }
     if (N) {
       for (int64_t c = 0; c < C; ++c)
-        for (int64_t i = 0; i < N; ++i) chist_out[c * N + i] += csub[c * cstride + i];
-      std::fill(csub - kHistPad, csub + C * cstride, 0);
+        for (int64_t i = 0; i < N; ++i) chist_out[c * N + i] += csub[c * cstride() + i];
+      std::fill(csub - kHistPad, csub + C * cstride(), 0);
     }
     *pending = 0;
   }
@@ -352,14 +354,13 @@ struct Slots {
   int64_t* k = nullptr;        // [n][2][Cs]: nan, inf
   acc_t* scratch = nullptr;    // [n][6][C]: chunk accumulators of the row kernels
   int32_t* hsub = nullptr;     // [n][kHistPad + kSubHists * HB]: global histogram } in the
-  int32_t* csub = nullptr;     // [n][kHistPad + C * NS]: per-channel histograms  } counter cache
+  int32_t* csub = nullptr;     // [n][kHistPad + C * (N + kHistPad)]: per-channel } counter cache
   int32_t* idx = nullptr;      // [n][max(C, kRunBlock, kChunk * kTileC)]: bin indices
   std::vector<int64_t> pending;  // [n][kLine]: one cache line per thread (no false sharing)
   std::vector<int64_t> ready;    // [n][kLine]: whether slot t's statistics are initialised
   std::mutex mu;
   int64_t B = 0, N = 0, idx_len = 0;
   int64_t HB = 0;  // counters per copy of the global histogram: B + kHistPad, or kTab in table mode
-  int64_t NS = 0;  // counters per channel of the per-channel histograms: N + kHistPad
   int64_t hblock = 0, cblock = 0;  // counters per thread: pad + kSubHists copies; pad + C channels
   int64_t* hist_out;
   int64_t* chist_out;
@@ -367,7 +368,7 @@ struct Slots {
   Slots(int64_t C_, int64_t group_, int n_, bool stats, bool rows, int64_t B_, bool table, int64_t N_, int64_t* hist,
         int64_t* chist)
       : C(C_), group(group_), Cs(C_ / group_), n(n_), B(B_), N(N_), HB(table ? kTab : B_ + kHistPad),
-        NS(N_ + kHistPad), hblock(B_ ? kHistPad + kSubHists * HB : 0), cblock(N_ ? kHistPad + C_ * NS : 0),
+        hblock(B_ ? kHistPad + kSubHists * HB : 0), cblock(N_ ? kHistPad + C_ * (N_ + kHistPad) : 0),
         hist_out(hist), chist_out(chist) {
     SlotBuffers<acc_t>& buf = slot_buffers<acc_t>();
     if (stats) {
@@ -429,10 +430,7 @@ struct Slots {
       s.hsub = hsub + hblock * t + kHistPad;
       s.hstride = HB;
     }
-    if (N) {
-      s.csub = csub + cblock * t + kHistPad;
-      s.cstride = NS;
-    }
+    if (N) s.csub = csub + cblock * t + kHistPad;
     if (B || N) {
       s.idx = idx + idx_len * t;
       s.pending = pending.data() + kLine * t;
