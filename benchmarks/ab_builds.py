@@ -21,6 +21,8 @@ Cases (times in µs unless marked):
              values fall in the lowest bins, as in MiniLM's activations), MiniLM's shapes and
              8192 x 4096 (ms)
   chist      the same with 256-bin per-channel histograms (rows, NCHW runs)
+  bf16       bfloat16 rows (session 8, v42: 16 channels a step as pairs): 8192 x 4096, 2048 x 16384,
+             1728 x 384 and an odd width, stats alone and with 2048 bins, and x.sum() as the floor (ms)
 """
 
 import argparse
@@ -50,13 +52,13 @@ def stats_case(shapes, bins_list, n_for, scale_ms=False):
             bins, cbins = bins if isinstance(bins, tuple) else (bins, 0)
             s = ChannelStats(axis=axis, bins=bins, channel_bins=cbins).update(x)
             t = best(lambda: s.update(x), n_for(x), 5)
-            out.append(f"{name}{tuple(shape)} bins={bins}" + (f"+{cbins}" if cbins else "") + ": " + (f"{t * 1e3:.1f} ms" if scale_ms else f"{t * 1e6:.0f}"))
+            out.append(f"{name}{tuple(shape)} bins={bins}" + (f"+{cbins}" if cbins else "") + ": " + (f"{t * 1e3:.2f} ms" if scale_ms else f"{t * 1e6:.0f}"))
     return out
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("case", choices=["redo", "short", "group", "small", "observers", "hist", "chist"])
+    ap.add_argument("case", choices=["redo", "short", "group", "small", "observers", "hist", "chist", "bf16"])
     ap.add_argument("build_dir")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
@@ -94,6 +96,12 @@ def main():
         out = stats_case([((1728, 384), -1, randn, "randn"), ((1728, 384), -1, crowded, "crowded"),
                           ((4, 256, 28, 28), 1, randn, "randn")], (0, (2048, 256)), lambda x: 30)
         out += stats_case([((8192, 4096), -1, randn, "randn")], (0, (2048, 256)), lambda x: 3, scale_ms=True)
+    elif a.case == "bf16":
+        bf = lambda s: randn(s).bfloat16()  # noqa: E731
+        out = stats_case([((8192, 4096), -1, bf), ((2048, 16384), -1, bf), ((1728, 384), -1, bf),
+                          ((4096, 4100), -1, bf)], (0, 2048), lambda x: 5, scale_ms=True)
+        x = bf((8192, 4096))
+        out.append(f"x.sum() (8192, 4096): {best(lambda: x.sum(), 5, 5) * 1e3:.1f} ms")
     elif a.case == "hist":
         small = [((1728, 384), -1, randn, "randn"), ((1728, 384), -1, crowded, "crowded"),
                  ((1728, 1536), -1, crowded, "crowded"), ((1728, 384), -1, lambda s: crowded(s).bfloat16(), "bf16"),

@@ -31,13 +31,14 @@ MAX_BINS = 1 << 24
 
 def hist_exponent(amax):
     """The smallest e with amax < 2^e (float tensor -> int64 tensor), clamped to [MIN_EXP, MAX_EXP];
-    amax <= 0 (nothing but zeros, or nothing finite yet) gives MIN_EXP."""
+    amax <= 0 (nothing but zeros) gives MIN_EXP, and amax = -inf (the abs-max of a channel with no
+    finite value yet) EMPTY_EXP: it needs no range, and max(e_old, EMPTY_EXP) keeps the old one."""
     a = amax.double()
     _, e = torch.frexp(torch.where(torch.isfinite(a), a, 0.0))
     e = e.long()
     e = torch.where(a > 0, e, MIN_EXP)
-    e = torch.where(torch.isinf(a), MAX_EXP, e)
-    return e.clamp(MIN_EXP, MAX_EXP)
+    e = torch.where(a == float("inf"), MAX_EXP, e).clamp(MIN_EXP, MAX_EXP)
+    return torch.where(a == -float("inf"), EMPTY_EXP, e)
 
 
 def grow_hist(hist, e_old, e_new):

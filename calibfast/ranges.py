@@ -151,6 +151,9 @@ def hist_amax(hist, hist_max, method, *, percentile=99.99, fmt="int8", compat=No
     _check_choice(compat, COMPAT, "compat mode", fn)
     device, counts = _as_counts(hist, fn)
     rows, B = (counts.shape[0] if counts.dim() == 2 else 1), counts.shape[-1]
+    # first: an empty histogram (say of a channel with no finite value) has no range either
+    # (hist_max 0), and "empty" is the error that names the problem
+    _check_not_empty(counts, fn)
     if isinstance(hist_max, (int, float)) and not isinstance(hist_max, bool):
         if not (math.isfinite(hist_max) and hist_max > 0):
             raise ValueError(f"calibfast.{fn}: hist_max must be finite and positive, got {hist_max!r}")

@@ -314,7 +314,7 @@ class ChannelStats:
 
     @property
     def hist_max(self):
-        """Upper end of the histogram's range, 2^hist_exp (float64 0-d tensor; 0 before any data)."""
+        """Upper end of the histogram's range, 2^hist_exp (float64 0-d tensor; 0 before any finite value)."""
         self._need_hist()
         return _exp_to_max(self._he[0])
 
@@ -336,7 +336,7 @@ class ChannelStats:
 
     @property
     def channel_hist_max(self):
-        """Per-channel ranges, 2^channel_hist_exp (float64 [C]; 0 before any data)."""
+        """Per-channel ranges, 2^channel_hist_exp (float64 [C]; 0 for a channel with no finite value yet)."""
         self._need_hist(channel=True)
         return _exp_to_max(self._che[0])
 

@@ -164,6 +164,34 @@ def test_every_cpu_instruction_set(monkeypatch, capability, dtype, shape, axis, 
     assert_stats_match(ChannelStats(axis=axis).update(x), _ref_state(x, axis), dtype)
 
 
+@pytest.mark.parametrize("rows", [1, 7, 8, 9, 64, 65, 137])
+@pytest.mark.parametrize("C", [16, 17, 32, 47, 4100])
+def test_bfloat16_rows_sixteen_channels_a_step_equal_the_generic_loop(monkeypatch, rows, C):
+    """The AVX2 / AVX-512 variants fold bfloat16 rows 16 channels a step, even and odd channels
+    apart ("pair order", restored once per chunk of 64 rows); the baseline variant folds them one
+    channel a lane. Same operations in the same order per value: min, max, abs-min, sums and
+    counts are identical (sum x^2 may differ by the fused multiply-add the baseline lacks), with
+    NaN and +-Inf on even and odd channels, chunks of 64 rows, 8-row blocks and their tails."""
+    if not native_on("cpu"):
+        pytest.skip("no native CPU kernel")
+    monkeypatch.setenv("CALIBFAST_CPU_CAPABILITY", "avx2")
+    if calibfast.cpu_capability() == "base":
+        pytest.skip("the processor has no AVX2")
+    g = torch.Generator().manual_seed(rows * 10007 + C)
+    x = (torch.randn(rows, C, generator=g) * torch.logspace(-3, 3, C)).bfloat16()
+    x[rows // 2, 1] = float("nan")  # odd channel
+    x[0, 2] = float("inf")  # even channel
+    x[:, min(C - 1, 13)] = -float("inf")  # a channel bad in every chunk
+    x[rows - 1, C - 1] = float("nan")  # the last channel (in the n % 16 tail when C is not a multiple)
+    got = ChannelStats().update(x).update(x[: max(1, rows // 3)] * 2)
+    monkeypatch.setenv("CALIBFAST_CPU_CAPABILITY", "base")
+    want = ChannelStats().update(x).update(x[: max(1, rows // 3)] * 2)
+    for name in ("min", "max", "absmin", "absmax", "count", "nan_count", "inf_count", "sum", "sum_abs"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    torch.testing.assert_close(got.sum_sq, want.sum_sq, rtol=1e-6, atol=0)
+    assert_stats_match(got, _ref_state(x, -1).update(x[: max(1, rows // 3)] * 2), torch.bfloat16)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_wide_rows_are_folded_in_channel_blocks_exactly(threads, dtype):

@@ -80,6 +80,42 @@ def test_nonfinite_values_are_not_binned():
     assert s.hist.tolist() == [0, 1, 1, 0, 1, 0, 0, 0]
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("backend", ["dispatch", "reference"])
+def test_a_channel_without_finite_values_gets_no_range(device, dtype, backend):
+    """NaN / Inf only (an all-masked channel, a NaN batch): the channel's abs-max stays -inf and its
+    range stays empty, instead of saturating to 2^128 -- which left that channel's histogram (or a
+    one-channel tensor's whole histogram) in bin 0 for good, and made merge() differ from one pass
+    (hypothesis found [[-1.1e-3], [3.1e-5], [nan]] split before the NaN)."""
+    if backend == "dispatch" and not native_on(device):
+        pytest.skip(f"no native kernel for {device}")
+    nan, inf = float("nan"), float("inf")
+    x = torch.tensor([[1.0, nan, 3.0], [2.0, -inf, 0.5], [-1.5, nan, 0.25]], dtype=dtype, device=device)
+    s = ChannelStats(bins=16, channel_bins=8, backend=backend).update(x)
+    assert int(s.hist_exp) == 2
+    assert s.channel_hist_exp.tolist() == [2, _reference.EMPTY_EXP, 2]
+    assert s.channel_hist[1].sum() == 0 and s.channel_hist_max[1] == 0
+    # the channel's first finite values get the range they need, binned as in a fresh object
+    y = torch.tensor([[0.5, 6.0, 1.0]], dtype=dtype, device=device)
+    s.update(y)
+    assert s.channel_hist_exp.tolist() == [2, 3, 2]
+    assert s.channel_hist[1].tolist() == [0, 0, 0, 0, 0, 0, 1, 0]
+    # a single channel: a NaN batch before or after leaves the histogram as without it
+    a, b = torch.tensor([[-1.1224e-03], [3.1176e-05]]), torch.tensor([[nan]])
+    a, b = a.to(dtype=dtype, device=device), b.to(dtype=dtype, device=device)
+    only = ChannelStats(axis=1, backend=backend).update(b)
+    assert int(only.hist_exp) == _reference.EMPTY_EXP and only.hist.sum() == 0 and only.hist_max == 0
+    whole = ChannelStats(axis=1, backend=backend).update(torch.cat([a, b]))
+    for first, second in ((a, b), (b, a)):
+        merged = ChannelStats(axis=1).merge(ChannelStats(axis=1, backend=backend).update(first))
+        merged.merge(ChannelStats(axis=1, backend=backend).update(second))
+        streamed = ChannelStats(axis=1, backend=backend).update(first).update(second)
+        for t in (merged, streamed):
+            assert int(t.hist_exp) == int(whole.hist_exp) == -9
+            assert torch.equal(t.hist, whole.hist)
+
+
 def test_all_zero_and_tiny_data():
     s = ChannelStats(bins=16).update(torch.zeros(10, 3))
     assert int(s.hist_exp) == _reference.MIN_EXP and s.hist[0] == 30

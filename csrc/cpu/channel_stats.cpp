@@ -192,12 +192,15 @@ struct Slot {
 constexpr int64_t kRunBlock = kChunk * kLanes;  // values of a run folded at a time
 constexpr int64_t kRunTile = 8;  // samples whose short runs of a channel are folded together
 
+#define CALIBFAST_VECTOR_VARIANT 0
 namespace v_base {
 #include "channel_stats_kernel.h"
 }  // namespace v_base
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define CALIBFAST_X86_VARIANTS 1
+#undef CALIBFAST_VECTOR_VARIANT
+#define CALIBFAST_VECTOR_VARIANT 1  // GCC vector types lower to vector code in these variants
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 namespace v_avx2 {
@@ -211,6 +214,7 @@ namespace v_avx512 {
 }  // namespace v_avx512
 #pragma GCC pop_options
 #endif
+#undef CALIBFAST_VECTOR_VARIANT
 
 enum class Isa { kBase, kAvx2, kAvx512 };
 
@@ -536,8 +540,13 @@ static void run_pass(const at::Tensor& x, const Layout& L, bool stats, const Slo
   if (hargs.B || hargs.N) counter_cache().dirty = false;  // every task flushed: all zero again
 }
 
-// Histogram exponents: the smallest e with amax < 2^e, clamped (see csrc/common.h).
+// Histogram exponents: the smallest e with amax < 2^e, clamped (see csrc/common.h); kEmptyExp
+// for amax = -inf, the abs-max of a channel with no finite value yet (NaN / Inf only): such a
+// channel needs no range, and max(e_old, kEmptyExp) keeps the one it had. (Before session 8 it
+// gave kMaxExp like +inf: one all-NaN batch saturated that channel's range, or a whole
+// single-channel histogram's, to 2^128 for good, and merges then disagreed with one pass.)
 static int64_t exponent_for(float amax) {
+  if (amax == -std::numeric_limits<float>::infinity()) return kEmptyExp;
   if (std::isinf(amax)) return kMaxExp;
   if (!(amax > 0.0f)) return kMinExp;
   int e = 0;
@@ -776,7 +785,7 @@ static void update_typed(const at::Tensor& x, const Layout& L, float* fst, doubl
       if (e_old != kEmptyExp) grow_hist(chist + c * N, N, e_old, e_new);
       chexp[c] = e_new;
       chexp[C + c] = e_old;
-      cscale[c] = bin_scale<acc_t>(N, e_new);
+      cscale[c] = e_new == kEmptyExp ? acc_t(0) : bin_scale<acc_t>(N, e_new);
       clo[c] = e_new != e_old ? lower_bound_for<acc_t>(e_old) : inf;  // inf: nothing left to bin
       any |= e_new != e_old;
     }

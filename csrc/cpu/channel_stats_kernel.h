@@ -387,6 +387,18 @@ static inline void hist_run(const typename Ld::in_t* p, int64_t n, int64_t k, co
   s.note_binned(n);
 }
 
+// One value v (a = |v|) into min, max, abs-min and the three sums: the fold every fast path
+// shares (scalars, or GCC vector types in rows_pairs), so that they agree value by value.
+template <typename T>
+static inline __attribute__((always_inline)) void fold_value(T v, T a, T& mn, T& mx, T& amn, T& s, T& sa, T& sq) {
+  mn = v < mn ? v : mn;
+  mx = v > mx ? v : mx;
+  amn = a < amn ? a : amn;
+  s += v;
+  sa += a;
+  sq += v * v;
+}
+
 // ---- row kernels: rows of channels, unit or constant channel stride --------------------------
 
 // Folds R rows (pointers p[0..R)) over channels [0, n) into the chunk accumulators, assuming
@@ -407,13 +419,7 @@ static inline void rows_fast(const typename Ld::in_t* const* p, int64_t n, int64
 #pragma GCC unroll 8
     for (int i = 0; i < R; ++i) {
       const acc_t v = Ld::load(q[i][o]);
-      const acc_t a = std::fabs(v);
-      mn = v < mn ? v : mn;
-      mx = v > mx ? v : mx;
-      amn = a < amn ? a : amn;
-      s += v;
-      sa += a;
-      sq += v * v;
+      fold_value(v, std::fabs(v), mn, mx, amn, s, sa, sq);
     }
     cmn[c] = mn;
     cmx[c] = mx;
@@ -423,6 +429,83 @@ static inline void rows_fast(const typename Ld::in_t* const* p, int64_t n, int64
     cssq[c] = sq;
   }
 }
+
+#if CALIBFAST_VECTOR_VARIANT
+// bfloat16 rows, 16 channels per step, in GCC vector types (only in the AVX2 / AVX-512 variants:
+// the baseline one would lower them to scalars). The generic rows_fast, vectorised by the
+// compiler, widens 16 bfloat16 values with an extract and two zero-extensions, and its 12
+// accumulator registers for 16 channels spilled to the stack (session 8: perf). Here one 32-byte
+// load of 16 channels is read as 8 pairs: (u << 16) is the even channels' floats and
+// (u & 0xffff0000) the odd ones' -- one integer op per 8 values -- and each half is folded on its
+// own (6 accumulators live). The chunk accumulators of a 16-channel block then hold the even
+// channels first and the odd ones after (pair order); unpair() restores channel order once per
+// chunk, before anything reads them. Same operations in the same order per value as rows_fast:
+// the results are identical.
+typedef float cf_vf8 __attribute__((vector_size(32)));
+typedef uint32_t cf_vu8 __attribute__((vector_size(32)));
+
+template <int R, int kOdd>
+static inline void bf16_half(const uint16_t* const* q, int64_t c, float* __restrict__ cmn,
+                             float* __restrict__ cmx, float* __restrict__ camn, float* __restrict__ csum,
+                             float* __restrict__ csabs, float* __restrict__ cssq) {
+  const cf_vu8 absm = cf_vu8{} + 0x7fffffffu;
+  const cf_vu8 him = cf_vu8{} + 0xffff0000u;
+  const int64_t o = c + 8 * kOdd;
+  cf_vf8 mn, mx, amn, sm, sa, sq;
+  std::memcpy(&mn, cmn + o, 32);
+  std::memcpy(&mx, cmx + o, 32);
+  std::memcpy(&amn, camn + o, 32);
+  std::memcpy(&sm, csum + o, 32);
+  std::memcpy(&sa, csabs + o, 32);
+  std::memcpy(&sq, cssq + o, 32);
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i) {
+    cf_vu8 u;
+    std::memcpy(&u, q[i] + c, 32);
+    u = kOdd ? (u & him) : (u << 16);
+    fold_value(reinterpret_cast<cf_vf8>(u), reinterpret_cast<cf_vf8>(u & absm), mn, mx, amn, sm, sa, sq);
+  }
+  std::memcpy(cmn + o, &mn, 32);
+  std::memcpy(cmx + o, &mx, 32);
+  std::memcpy(camn + o, &amn, 32);
+  std::memcpy(csum + o, &sm, 32);
+  std::memcpy(csabs + o, &sa, 32);
+  std::memcpy(cssq + o, &sq, 32);
+}
+
+// Folds R rows of channels [0, m) (m a multiple of 16) into the accumulators, in pair order.
+template <int R>
+static inline void rows_pairs(const uint16_t* const* p, int64_t m, float* cmn, float* cmx, float* camn,
+                              float* csum, float* csabs, float* cssq) {
+  for (int64_t c = 0; c < m; c += 16) {
+    bf16_half<R, 0>(p, c, cmn, cmx, camn, csum, csabs, cssq);
+    bf16_half<R, 1>(p, c, cmn, cmx, camn, csum, csabs, cssq);
+  }
+}
+
+// Pair order -> channel order, for the first m (a multiple of 16) accumulators of each array:
+// two vector loads, two interleaving shuffles and two stores per 16 channels.
+static inline void unpair(int64_t m, float* const* arrays) {
+  typedef int32_t vi8 __attribute__((vector_size(32)));
+  for (int k = 0; k < 6; ++k) {
+    float* __restrict__ a = arrays[k];
+    for (int64_t c = 0; c < m; c += 16) {
+      cf_vf8 e, o;
+      std::memcpy(&e, a + c, 32);
+      std::memcpy(&o, a + c + 8, 32);
+#if defined(__clang__)
+      const cf_vf8 lo = __builtin_shufflevector(e, o, 0, 8, 1, 9, 2, 10, 3, 11);
+      const cf_vf8 hi = __builtin_shufflevector(e, o, 4, 12, 5, 13, 6, 14, 7, 15);
+#else
+      const cf_vf8 lo = __builtin_shuffle(e, o, vi8{0, 8, 1, 9, 2, 10, 3, 11});
+      const cf_vf8 hi = __builtin_shuffle(e, o, vi8{4, 12, 5, 13, 6, 14, 7, 15});
+#endif
+      std::memcpy(a + c, &lo, 32);
+      std::memcpy(a + c + 8, &hi, 32);
+    }
+  }
+}
+#endif
 
 // Masked scalar path: finite values into the slot directly (sums in float64), non-finite counted.
 template <class Ld>
@@ -466,17 +549,43 @@ static void rows_range(const typename Ld::in_t* base, const calibfast::Layout& L
     init_chunk(n, cmn, cmx, camn, csum, csabs, cssq);
     int64_t r = rc;
     const in_t* p[8];
+    // bfloat16 with unit channel stride: the first m channels by rows_pairs (pair order until
+    // unpair below), the rest (n % 16) by rows_fast.
+    int64_t m = 0;
+#if CALIBFAST_VECTOR_VARIANT
+    if constexpr (kUnit && std::is_same<Ld, LoadBF16>::value) m = n / 16 * 16;
+#endif
+    auto fold_rows = [&](auto rows) {
+      constexpr int R = decltype(rows)::value;
+#if CALIBFAST_VECTOR_VARIANT
+      if constexpr (kUnit && std::is_same<Ld, LoadBF16>::value) {
+        if (m) rows_pairs<R>(p, m, cmn, cmx, camn, csum, csabs, cssq);
+      }
+#endif
+      if (m == n) return;
+      const in_t* q[8];
+      for (int i = 0; i < R; ++i) q[i] = p[i] + m * cs;
+      rows_fast<Ld, R, kUnit>(q, n - m, cs, cmn + m, cmx + m, camn + m, csum + m, csabs + m, cssq + m);
+    };
     for (; r + 8 <= re; r += 8) {
       for (int i = 0; i < 8; ++i) p[i] = base + L.offsets(r + i) + c0 * cs;
-      rows_fast<Ld, 8, kUnit>(p, n, cs, cmn, cmx, camn, csum, csabs, cssq);
+      fold_rows(std::integral_constant<int, 8>{});
       // the 8 rows are still in cache: bin them now (one read of the input from memory)
       if (s.B) hist_rows<Ld, kUnit>(p, 8, n, cs, s);
     }
     for (; r < re; ++r) {
       p[0] = base + L.offsets(r) + c0 * cs;
-      rows_fast<Ld, 1, kUnit>(p, n, cs, cmn, cmx, camn, csum, csabs, cssq);
+      fold_rows(std::integral_constant<int, 1>{});
       if (s.B) hist_row<Ld, kUnit>(p[0], n, cs, s);
     }
+#if CALIBFAST_VECTOR_VARIANT
+    if constexpr (kUnit && std::is_same<Ld, LoadBF16>::value) {
+      if (m) {
+        float* const arrays[6] = {cmn, cmx, camn, csum, csabs, cssq};
+        unpair(m, arrays);
+      }
+    }
+#endif
     // the chunk (kChunk rows) is still in cache for the per-channel histograms
     if (s.N) channel_hist_rows<Ld, kUnit>(base, L, rc, re, c0, n, s);
     int64_t nbad = 0;
@@ -516,13 +625,7 @@ static inline void lane_add(typename Ld::in_t x, int l, typename Ld::acc_t* __re
                             typename Ld::acc_t* __restrict__ sq) {
   using acc_t = typename Ld::acc_t;
   const acc_t v = Ld::load(x);
-  const acc_t a = std::fabs(v);
-  mn[l] = v < mn[l] ? v : mn[l];
-  mx[l] = v > mx[l] ? v : mx[l];
-  amn[l] = a < amn[l] ? a : amn[l];
-  sm[l] += v;
-  sa[l] += a;
-  sq[l] += v * v;
+  fold_value(v, std::fabs(v), mn[l], mx[l], amn[l], sm[l], sa[l], sq[l]);
 }
 
 // Folds the first n - n % kLanes values of q into the kLanes accumulators (value i into lane

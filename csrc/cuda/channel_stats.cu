@@ -688,7 +688,9 @@ __global__ void __launch_bounds__(kRunThreads) runs_kernel(const typename Ld::in
 }
 
 // ---- growing the ranges (after pass 1) ------------------------------------------------------
+// (kEmptyExp for -inf: a channel with no finite value needs no range; see the CPU version.)
 __device__ __forceinline__ int64_t exponent_for(float amax) {
+  if (amax == -INFINITY) return kEmptyExp;
   if (isinf(amax)) return kMaxExp;
   if (!(amax > 0.0f)) return kMinExp;
   int e = 0;
