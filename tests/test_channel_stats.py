@@ -312,16 +312,22 @@ def test_a_nonfinite_channel_in_every_row_leaves_the_others_exact(device, dtype,
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize("samples,hw", [(1, (7, 7)), (2, (3, 5)), (3, (4, 4)), (5, (1, 17)), (7, (16, 31)),
-                                        (13, (7, 7)), (20, (3, 5)), (3, (32, 17))], ids=str)
+                                        (13, (7, 7)), (20, (3, 5)), (3, (32, 17)), (4, (1, 8)), (6, (3, 3)),
+                                        (9, (5, 5)), (3, (1, 7)), (5, (14, 14)), (2, (8, 59)), (2, (1, 473)),
+                                        (3, (2, 5)), (2, (1, 11)), (4, (3, 7)), (3, (2, 11))],
+                         ids=str)
 def test_short_runs_channel_by_channel_exactly(threads, dtype, samples, hw):
     """NCHW with short runs (up to 512 values) taken channel by channel over tiles of 8 samples
     (fewer than 40 samples, or per-channel histograms): runs shorter than, equal to and longer than
     the 16 lanes, a lane budget reached within a tile (16 x 31), a partial last tile, tasks that
     start mid-channel (2 threads), runs just too long for it (32 x 17: one run at a time), NaN / Inf
     / huge values in some runs, a channel of tiny values; every statistic and histogram against the
-    reference."""
+    reference. The float-accumulating variant (ShortRunsV, 8 lanes, 8 channels reduced together,
+    runs of 8 to 472 values): every tail length n % 8 from 0 to 7 (8, 9, 10, 11, 196, 21, 22, 15), groups
+    of 8 channels cut by C = 37 and by the lane budget (14 x 14: two runs a flush), the longest run
+    it takes (8 x 59 = 472 = 8 x 59 lanes) and the first it leaves to ShortRuns (473, and 7)."""
     if not native_on("cpu"):
         pytest.skip("no native CPU kernel")
     old = torch.get_num_threads()

@@ -763,6 +763,214 @@ struct ShortRuns {
   }
 };
 
+#if CALIBFAST_VECTOR_VARIANT
+// Short runs with float accumulation (float32, bfloat16, float16) in the AVX2 / AVX-512 variants
+// (session 8, v43): what ShortRuns does, without its per-channel costs. A channel's runs fold into
+// 8 lanes held in vector registers (no lane arrays loaded and stored around every run); a run's
+// last n % 8 values fold as one masked vector (no scalar float64 tail); and the lanes of 8
+// consecutive channels are reduced together -- an 8 x 8 transpose, then 7 elementwise steps per
+// statistic, whose 8 results are the 8 channels' -- instead of a 16 -> 1 tree per channel.
+// Precision as for every fast path: no value goes through more than kChunk float additions before
+// float64. A lane takes at most kChunk - 5 values (used); a run's values go through at most
+// ceil(n / 16) additions in their partial, 2 more into the lane, 1 for each later run of the
+// channel (T - 1 <= used - ceil(n / 8)), and 3 in the 8-lane tree: at most used + 5 <= kChunk.
+// A channel whose float sums are not usable (chunk_bad: NaN / Inf, overflow, tiny squares) is
+// redone from its remembered runs by the masked scalar path, like ShortRuns.
+template <class Ld>
+struct ShortRunsV {
+  using in_t = typename Ld::in_t;
+  using vi8 = int32_t __attribute__((vector_size(32)));
+  static constexpr int kG = 8;                    // channels reduced together
+  static constexpr int64_t kLaneCap = kChunk - 5;  // values a lane sums in float (see add)
+  static constexpr int kRunsCap = 64;              // remembered runs (for a redo) per group
+  cf_vf8 mn, mx, amn, sm, sa, sq;  // the current channel's lanes
+  int64_t used = 0;                // values a lane took since the channel (re)started
+  int64_t g0 = -1;                 // the group: channels g0 .. g0 + ng - 1
+  int ng = 0;
+  cf_vf8 gl[6][kG];                // finished channels' lanes: [statistic][slot]
+  const in_t* runs[kRunsCap];
+  int nruns = 0;
+  int rbeg[kG + 1];                // slot j's runs: runs[rbeg[j] .. rbeg[j + 1])
+
+  static inline cf_vf8 load8(const in_t* q) {
+    cf_vf8 v;
+    if constexpr (std::is_same<in_t, float>::value) {
+      std::memcpy(&v, q, 32);
+    } else {
+      float b[8];
+      for (int l = 0; l < 8; ++l) b[l] = Ld::load(q[l]);
+      std::memcpy(&v, b, 32);
+    }
+    return v;
+  }
+  void start_lanes() {
+    const float inf = std::numeric_limits<float>::infinity();
+    mn = cf_vf8{} + inf;
+    mx = cf_vf8{} - inf;
+    amn = mn;
+    sm = sa = sq = cf_vf8{};
+    used = 0;
+  }
+  void reset() {
+    start_lanes();
+    g0 = -1;
+    ng = 0;
+    nruns = 0;
+    rbeg[0] = 0;
+  }
+  // The current channel's lanes into its slot (ng - 1).
+  void finish_channel() {
+    const int j = ng - 1;
+    gl[0][j] = mn;
+    gl[1][j] = mx;
+    gl[2][j] = amn;
+    gl[3][j] = sm;
+    gl[4][j] = sa;
+    gl[5][j] = sq;
+    rbeg[ng] = nruns;
+  }
+  // out[j][i] = in[i][j]
+  static inline void transpose8(cf_vf8* r) {
+#if defined(__clang__)
+#define CF_SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define CF_SHUF(a, b, ...) __builtin_shuffle(a, b, vi8{__VA_ARGS__})
+#endif
+    cf_vf8 t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+      t[i] = CF_SHUF(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+      t[i + 1] = CF_SHUF(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+    }
+    for (int i = 0; i < 8; i += 4) {
+      u[i] = CF_SHUF(t[i], t[i + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+      u[i + 1] = CF_SHUF(t[i], t[i + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+      u[i + 2] = CF_SHUF(t[i + 1], t[i + 3], 0, 1, 8, 9, 4, 5, 12, 13);
+      u[i + 3] = CF_SHUF(t[i + 1], t[i + 3], 2, 3, 10, 11, 6, 7, 14, 15);
+    }
+    for (int i = 0; i < 4; ++i) {
+      r[i] = CF_SHUF(u[i], u[i + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+      r[i + 4] = CF_SHUF(u[i], u[i + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+    }
+#undef CF_SHUF
+  }
+  // The group's channels into the slot: lanes reduced 8 channels at a time.
+  void flush_group(const Slot<float>& s) {
+    if (ng == 0) return;
+    const float inf = std::numeric_limits<float>::infinity();
+    const cf_vf8 ident[6] = {cf_vf8{} + inf, cf_vf8{} - inf, cf_vf8{} + inf, cf_vf8{}, cf_vf8{}, cf_vf8{}};
+    alignas(32) float res[6][kG];
+    for (int st = 0; st < 6; ++st) {
+      cf_vf8 r[8];
+      for (int j = 0; j < 8; ++j) r[j] = j < ng ? gl[st][j] : ident[st];
+      transpose8(r);  // r[l] = lane l of the 8 channels
+      cf_vf8 a, b, c, d;
+      if (st == 0 || st == 2) {
+        a = r[1] < r[0] ? r[1] : r[0];
+        b = r[3] < r[2] ? r[3] : r[2];
+        c = r[5] < r[4] ? r[5] : r[4];
+        d = r[7] < r[6] ? r[7] : r[6];
+        a = b < a ? b : a;
+        c = d < c ? d : c;
+        a = c < a ? c : a;
+      } else if (st == 1) {
+        a = r[1] > r[0] ? r[1] : r[0];
+        b = r[3] > r[2] ? r[3] : r[2];
+        c = r[5] > r[4] ? r[5] : r[4];
+        d = r[7] > r[6] ? r[7] : r[6];
+        a = b > a ? b : a;
+        c = d > c ? d : c;
+        a = c > a ? c : a;
+      } else {
+        a = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+      }
+      std::memcpy(res[st], &a, 32);
+    }
+    for (int j = 0; j < ng; ++j) {
+      const int64_t k = g0 + j;
+      if (chunk_bad(res[4][j], res[5][j])) {
+        for (int i = rbeg[j]; i < rbeg[j + 1]; ++i)
+          for (int64_t v = 0; v < run_len; ++v) row_slow<Ld>(runs[i] + v, k, 1, 0, s);
+        continue;
+      }
+      s.mn[k] = res[0][j] < s.mn[k] ? res[0][j] : s.mn[k];
+      s.mx[k] = res[1][j] > s.mx[k] ? res[1][j] : s.mx[k];
+      s.amn[k] = res[2][j] < s.amn[k] ? res[2][j] : s.amn[k];
+      s.sum[k] += static_cast<double>(res[3][j]);
+      s.sabs[k] += static_cast<double>(res[4][j]);
+      s.ssq[k] += static_cast<double>(res[5][j]);
+    }
+    ng = 0;
+    nruns = 0;
+  }
+  int64_t run_len = 0;
+  // Folds one run of channel c (n <= kRunBlock / 2 values).
+  void add(const in_t* __restrict__ q, int64_t n, int64_t c, const Slot<float>& s) {
+    const int64_t per_lane = (n + 7) / 8;
+    const bool same = ng > 0 && c == g0 + ng - 1;
+    if (!same || used + per_lane > kLaneCap || nruns == kRunsCap) {
+      if (ng > 0) finish_channel();
+      if (same || ng == kG || c != g0 + ng || nruns == kRunsCap) {
+        flush_group(s);
+        g0 = c;
+      }
+      ++ng;
+      start_lanes();
+      rbeg[ng - 1] = nruns;
+    }
+    run_len = n;
+    runs[nruns++] = q;
+    used += per_lane;
+    // The run's sums in two sets of fresh partials (even and odd vectors: two dependency chains,
+    // not one through all of a channel's runs), added into the lanes at the end.
+    cf_vf8 s0{}, a0{}, q0{}, s1{}, a1{}, q1{};
+    const cf_vf8 inf = cf_vf8{} + std::numeric_limits<float>::infinity();
+    cf_vf8 mx1 = -inf, mn1 = inf, amn1 = inf;
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+      const cf_vf8 v = load8(q + i), w = load8(q + i + 8);
+      fold_value(v, abs8(v), mn, mx, amn, s0, a0, q0);
+      fold_value(w, abs8(w), mn1, mx1, amn1, s1, a1, q1);
+    }
+    if (i + 8 <= n) {
+      const cf_vf8 v = load8(q + i);
+      fold_value(v, abs8(v), mn, mx, amn, s0, a0, q0);
+      i += 8;
+    }
+    if (i < n) {
+      // The last t = n - i values: the run's last 8 (n >= 8), whose first 8 - t lanes were folded
+      // already -- min, max and abs-min do not change for them, and the sums take them as 0. (No
+      // scalar stores into a buffer read back as a vector: that failed store forwarding, a third
+      // of the time of 7 x 7 maps.)
+      const int t = static_cast<int>(n - i);
+      const cf_vf8 v = load8(q + n - 8);
+      const vi8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
+      const vi8 keep = lane >= 8 - t;
+      const cf_vf8 a = abs8(v);
+      const cf_vf8 z = reinterpret_cast<cf_vf8>(reinterpret_cast<vi8>(v) & keep);
+      mn1 = v < mn1 ? v : mn1;
+      mx1 = v > mx1 ? v : mx1;
+      amn1 = a < amn1 ? a : amn1;
+      const cf_vf8 az = reinterpret_cast<cf_vf8>(reinterpret_cast<vi8>(a) & keep);
+      s1 += z;
+      a1 += az;
+      q1 += z * z;
+    }
+    mn = mn1 < mn ? mn1 : mn;
+    mx = mx1 > mx ? mx1 : mx;
+    amn = amn1 < amn ? amn1 : amn;
+    sm += s0 + s1;
+    sa += a0 + a1;
+    sq += q0 + q1;
+  }
+  static inline cf_vf8 abs8(cf_vf8 v) { return reinterpret_cast<cf_vf8>(reinterpret_cast<vi8>(v) & 0x7fffffff); }
+  void flush(int64_t, const Slot<float>& s) {
+    if (ng > 0) finish_channel();
+    flush_group(s);
+    reset();
+  }
+};
+#endif
+
 // ---- entry points ------------------------------------------------------------------------------
 
 // Histogram-only pass (after a range grew): rows [r0, r1) x channels [c0, c0 + n).
@@ -821,52 +1029,65 @@ static void runs_task(const void* data, const calibfast::Layout& L, int64_t p0, 
   if (2 * L.run <= kRunBlock) {  // (longer runs: two would not fit in a lane's kChunk values)
     const int64_t Q = L.rows / L.run;
     const int64_t n = L.run;
-    ShortRuns<Ld> acc;
-    acc.reset();
-    // The global histogram's bin indices of several runs are gathered (up to kRunBlock) and
-    // scattered at once (not with per-channel histograms, which use the same scratch per run).
-    bool table = false;
-    if constexpr (Ld::kTable) table = s.table;
-    const bool gather = s.B && !s.N && !table;
-    int64_t fill = 0;
-    int64_t off[kRunTile];
-    int64_t c = 0, j = 0, T = 0;
-    bool at_tile = true;  // pair pi starts a task or a tile: locate it
-    auto locate = [&](int64_t pi) {  // its tile, channel and sample (divisions once per tile)
-      const int64_t q0 = pi / (kRunTile * C) * kRunTile;
-      T = std::min(kRunTile, Q - q0);
-      for (int64_t t = 0; t < T; ++t) off[t] = L.outer(q0 + t);
-      const int64_t r = pi - q0 * C;
-      c = r / T;
-      j = r - c * T;
-    };
-    for (int64_t pi = p0; pi < p1; ++pi) {
-      if (at_tile) {
-        locate(pi);
-        at_tile = false;
-      }
-      const typename Ld::in_t* p = base + off[j] + c * L.channel_stride;
-      if (stats) acc.add(p, n, c, s);
-      if (gather) {
-        if (fill + n > kRunBlock) {
-          scatter_global(s.idx, fill, s.hstride, s.hsub);
-          fill = 0;
+    // The same loop with either accumulator (ShortRunsV where it applies).
+    auto short_runs = [&](auto& acc) {
+      acc.reset();
+      // The global histogram's bin indices of several runs are gathered (up to kRunBlock) and
+      // scattered at once (not with per-channel histograms, which use the same scratch per run).
+      bool table = false;
+      if constexpr (Ld::kTable) table = s.table;
+      const bool gather = s.B && !s.N && !table;
+      int64_t fill = 0;
+      int64_t off[kRunTile];
+      int64_t c = 0, j = 0, T = 0;
+      bool at_tile = true;  // pair pi starts a task or a tile: locate it
+      auto locate = [&](int64_t pi) {  // its tile, channel and sample (divisions once per tile)
+        const int64_t q0 = pi / (kRunTile * C) * kRunTile;
+        T = std::min(kRunTile, Q - q0);
+        for (int64_t t = 0; t < T; ++t) off[t] = L.outer(q0 + t);
+        const int64_t r = pi - q0 * C;
+        c = r / T;
+        j = r - c * T;
+      };
+      for (int64_t pi = p0; pi < p1; ++pi) {
+        if (at_tile) {
+          locate(pi);
+          at_tile = false;
         }
-        const int32_t left_out = bin_indices<Ld, true>(p, n, 1, s.hscale, s.hlo, s.B, s.idx + fill);
-        fill += n;
-        if (left_out && wants_beyond(s)) keep_beyond<Ld, true>(p, n, 1, s);
-        s.note_binned(n);
-      } else if (s.B || s.N) {
-        hist_run<Ld>(p, n, c, s);
+        const typename Ld::in_t* p = base + off[j] + c * L.channel_stride;
+        if (stats) acc.add(p, n, c, s);
+        if (gather) {
+          if (fill + n > kRunBlock) {
+            scatter_global(s.idx, fill, s.hstride, s.hsub);
+            fill = 0;
+          }
+          const int32_t left_out = bin_indices<Ld, true>(p, n, 1, s.hscale, s.hlo, s.B, s.idx + fill);
+          fill += n;
+          if (left_out && wants_beyond(s)) keep_beyond<Ld, true>(p, n, 1, s);
+          s.note_binned(n);
+        } else if (s.B || s.N) {
+          hist_run<Ld>(p, n, c, s);
+        }
+        if (++j == T) {
+          j = 0;
+          at_tile = ++c == C;
+        }
       }
-      if (++j == T) {
-        j = 0;
-        at_tile = ++c == C;
+      if (fill) scatter_global(s.idx, fill, s.hstride, s.hsub);
+      if (stats) acc.flush(n, s);
+      s.flush();
+    };
+#if CALIBFAST_VECTOR_VARIANT
+    if constexpr (std::is_same<typename Ld::acc_t, float>::value) {
+      if (n >= 8 && (n + 7) / 8 <= ShortRunsV<Ld>::kLaneCap) {  // (n >= 8: see the tail in add)
+        ShortRunsV<Ld> acc;
+        short_runs(acc);
+        return;
       }
     }
-    if (fill) scatter_global(s.idx, fill, s.hstride, s.hsub);
-    if (stats) acc.flush(n, s);
-    s.flush();
+#endif
+    ShortRuns<Ld> acc;
+    short_runs(acc);
     return;
   }
   for (int64_t pi = p0; pi < p1; ++pi) {
