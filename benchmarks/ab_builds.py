@@ -21,8 +21,10 @@ Cases (times in µs unless marked):
              values fall in the lowest bins, as in MiniLM's activations), MiniLM's shapes and
              8192 x 4096 (ms)
   chist      the same with 256-bin per-channel histograms (rows, NCHW runs)
-  bf16       bfloat16 rows (session 8, v42: 16 channels a step as pairs): 8192 x 4096, 2048 x 16384,
-             1728 x 384 and an odd width, stats alone and with 2048 bins, and x.sum() as the floor (ms)
+  bf16       16-bit rows (session 8, v42: bfloat16 16 channels a step as pairs; v44: float16 widened by
+             F16C): 8192 x 4096, 2048 x 16384, 1728 x 384 and an odd width in bfloat16, 8192 x 4096,
+             1728 x 384 and NCHW 4 x 2048 x 7 x 7 in float16, stats alone and with 2048 bins, and
+             x.sum() as the floor (ms)
 """
 
 import argparse
@@ -100,6 +102,9 @@ def main():
         bf = lambda s: randn(s).bfloat16()  # noqa: E731
         out = stats_case([((8192, 4096), -1, bf), ((2048, 16384), -1, bf), ((1728, 384), -1, bf),
                           ((4096, 4100), -1, bf)], (0, 2048), lambda x: 5, scale_ms=True)
+        hf = lambda s: randn(s).half()  # noqa: E731
+        out += stats_case([((8192, 4096), -1, hf, "f16"), ((1728, 384), -1, hf, "f16"), ((4, 2048, 7, 7), 1, hf, "f16")],
+                          (0, 2048), lambda x: 5, scale_ms=True)
         x = bf((8192, 4096))
         out.append(f"x.sum() (8192, 4096): {best(lambda: x.sum(), 5, 5) * 1e3:.1f} ms")
     elif a.case == "hist":

@@ -24,6 +24,13 @@
 
 #include "../common.h"
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include <immintrin.h>  // F16C's vcvtph2ps, used only in the AVX2 / AVX-512 variants
+#define CALIBFAST_F16C 1
+#else
+#define CALIBFAST_F16C 0
+#endif
+
 namespace calibfast {
 namespace cpu {
 
