@@ -39,6 +39,36 @@ def tensors(draw):
     return x, axis
 
 
+@st.composite
+def wide_tensors(draw):
+    """Larger than tensors(): channel counts 8-40 and maps of up to 12 x 40, so that the 16-bit
+    row paths (bfloat16 pairs of 16 channels, float16 8 channels a step) and the 8-lane short
+    runs (runs of 8 values and more) are reached, with their tails."""
+    layout = draw(st.sampled_from(["rows", "nchw", "nhwc"]))
+    C = draw(st.integers(8, 40))
+    n = draw(st.integers(1, 12))
+    hw = draw(st.lists(st.integers(1, 40), min_size=0 if layout == "rows" else 1, max_size=2))
+    dtype = draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 31 - 1)))
+    shape = [n, C] + hw if layout == "nchw" else [n] + hw + [C]
+    x = torch.randn(*shape, generator=g, dtype=torch.float64) * draw(st.sampled_from([1e-3, 1.0, 1e3]))
+    if draw(st.booleans()):
+        mask = torch.rand(*shape, generator=g) < draw(st.sampled_from([0.001, 0.05]))
+        x[mask] = draw(st.sampled_from([float("nan"), float("inf"), -float("inf")]))
+    return x.to(dtype), 1 if layout == "nchw" else -1
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(wide_tensors(), st.sampled_from([(0, 0), (2048, 0), (256, 16)]))
+def test_native_equals_reference_on_wider_tensors(case, bins):
+    if not native_on("cpu"):
+        pytest.skip("no native CPU kernel")
+    x, axis = case
+    a = ChannelStats(axis=axis, bins=bins[0], channel_bins=bins[1]).update(x)
+    b = ChannelStats(axis=axis, bins=bins[0], channel_bins=bins[1], backend="reference").update(x)
+    assert_stats_match(a, b, x.dtype)
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(tensors())
 def test_native_equals_reference_on_random_views(case):
