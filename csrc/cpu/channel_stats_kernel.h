@@ -497,11 +497,15 @@ static inline void rows_fast(const typename Ld::in_t* const* p, int64_t n, int64
 // the results are identical.
 typedef float cf_vf8 __attribute__((vector_size(32)));
 typedef uint32_t cf_vu8 __attribute__((vector_size(32)));
+typedef int32_t cf_vi8 __attribute__((vector_size(32)));
+// Elements of (a, b) picked by index (0-7 from a, 8-15 from b), in either compiler's spelling.
+#if defined(__clang__)
+#define CF_SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define CF_SHUF(a, b, ...) __builtin_shuffle(a, b, cf_vi8{__VA_ARGS__})
+#endif
 
-static inline cf_vf8 cf_abs8(cf_vf8 v) {
-  typedef int32_t vi8 __attribute__((vector_size(32)));
-  return reinterpret_cast<cf_vf8>(reinterpret_cast<vi8>(v) & 0x7fffffff);
-}
+static inline cf_vf8 cf_abs8(cf_vf8 v) { return reinterpret_cast<cf_vf8>(reinterpret_cast<cf_vi8>(v) & 0x7fffffff); }
 
 // Folds R rows of 8 channels into the chunk accumulators at offset o: row i's 8 values are
 // load(i) (as floats). Shared by the bfloat16 and float16 row paths.
@@ -555,20 +559,14 @@ static inline void rows_pairs(const uint16_t* const* p, int64_t m, float* cmn, f
 // Pair order -> channel order, for the first m (a multiple of 16) accumulators of each array:
 // two vector loads, two interleaving shuffles and two stores per 16 channels.
 static inline void unpair(int64_t m, float* const* arrays) {
-  typedef int32_t vi8 __attribute__((vector_size(32)));
   for (int k = 0; k < 6; ++k) {
     float* __restrict__ a = arrays[k];
     for (int64_t c = 0; c < m; c += 16) {
       cf_vf8 e, o;
       std::memcpy(&e, a + c, 32);
       std::memcpy(&o, a + c + 8, 32);
-#if defined(__clang__)
-      const cf_vf8 lo = __builtin_shufflevector(e, o, 0, 8, 1, 9, 2, 10, 3, 11);
-      const cf_vf8 hi = __builtin_shufflevector(e, o, 4, 12, 5, 13, 6, 14, 7, 15);
-#else
-      const cf_vf8 lo = __builtin_shuffle(e, o, vi8{0, 8, 1, 9, 2, 10, 3, 11});
-      const cf_vf8 hi = __builtin_shuffle(e, o, vi8{4, 12, 5, 13, 6, 14, 7, 15});
-#endif
+      const cf_vf8 lo = CF_SHUF(e, o, 0, 8, 1, 9, 2, 10, 3, 11);
+      const cf_vf8 hi = CF_SHUF(e, o, 4, 12, 5, 13, 6, 14, 7, 15);
       std::memcpy(a + c, &lo, 32);
       std::memcpy(a + c + 8, &hi, 32);
     }
@@ -638,21 +636,17 @@ static void rows_range(const typename Ld::in_t* base, const calibfast::Layout& L
     // bfloat16 with unit channel stride: the first m channels by rows_pairs (pair order until
     // unpair below), the rest (n % 16) by rows_fast.
     // float16 with unit channel stride (and F16C): the first m = n - n % 8 by rows_halves.
-    int64_t m = 0;
-#if CALIBFAST_VECTOR_VARIANT
-    if constexpr (kUnit && std::is_same<Ld, LoadBF16>::value) m = n / 16 * 16;
-#if CALIBFAST_F16C
-    if constexpr (kUnit && std::is_same<Ld, LoadF16>::value) m = n / 8 * 8;
-#endif
-#endif
+    constexpr bool kPairs = CALIBFAST_VECTOR_VARIANT && kUnit && std::is_same<Ld, LoadBF16>::value;
+    constexpr bool kHalves = CALIBFAST_VECTOR_VARIANT && CALIBFAST_F16C && kUnit && std::is_same<Ld, LoadF16>::value;
+    const int64_t m = kPairs ? n / 16 * 16 : kHalves ? n / 8 * 8 : 0;
     auto fold_rows = [&](auto rows) {
       constexpr int R = decltype(rows)::value;
-#if CALIBFAST_VECTOR_VARIANT
-      if constexpr (kUnit && std::is_same<Ld, LoadBF16>::value) {
+#if CALIBFAST_VECTOR_VARIANT  // (rows_pairs / rows_halves exist only there)
+      if constexpr (kPairs) {
         if (m) rows_pairs<R>(p, m, cmn, cmx, camn, csum, csabs, cssq);
       }
 #if CALIBFAST_F16C
-      if constexpr (kUnit && std::is_same<Ld, LoadF16>::value) {
+      if constexpr (kHalves) {
         if (m) rows_halves<R>(p, m, cmn, cmx, camn, csum, csabs, cssq);
       }
 #endif
@@ -674,7 +668,7 @@ static void rows_range(const typename Ld::in_t* base, const calibfast::Layout& L
       if (s.B) hist_row<Ld, kUnit>(p[0], n, cs, s);
     }
 #if CALIBFAST_VECTOR_VARIANT
-    if constexpr (kUnit && std::is_same<Ld, LoadBF16>::value) {
+    if constexpr (kPairs) {
       if (m) {
         float* const arrays[6] = {cmn, cmx, camn, csum, csabs, cssq};
         unpair(m, arrays);
@@ -874,7 +868,6 @@ struct ShortRuns {
 template <class Ld>
 struct ShortRunsV {
   using in_t = typename Ld::in_t;
-  using vi8 = int32_t __attribute__((vector_size(32)));
   static constexpr int kG = 8;                    // channels reduced together
   static constexpr int64_t kLaneCap = kChunk - 5;  // values a lane sums in float (see add)
   static constexpr int kRunsCap = 64;              // remembered runs (for a redo) per group
@@ -930,11 +923,6 @@ struct ShortRunsV {
   }
   // out[j][i] = in[i][j]
   static inline void transpose8(cf_vf8* r) {
-#if defined(__clang__)
-#define CF_SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
-#else
-#define CF_SHUF(a, b, ...) __builtin_shuffle(a, b, vi8{__VA_ARGS__})
-#endif
     cf_vf8 t[8], u[8];
     for (int i = 0; i < 8; i += 2) {
       t[i] = CF_SHUF(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
@@ -950,10 +938,21 @@ struct ShortRunsV {
       r[i] = CF_SHUF(u[i], u[i + 4], 0, 1, 2, 3, 8, 9, 10, 11);
       r[i + 4] = CF_SHUF(u[i], u[i + 4], 4, 5, 6, 7, 12, 13, 14, 15);
     }
-#undef CF_SHUF
   }
-  // The group's channels into the slot: lanes reduced 8 channels at a time.
-  void flush_group(const Slot<float>& s) {
+  // min (kOp 0), max (1) or + (2) over r[0..8) as a 3-level tree
+  template <int kOp>
+  static inline cf_vf8 op8(cf_vf8 x, cf_vf8 y) {
+    if constexpr (kOp == 0) return y < x ? y : x;
+    if constexpr (kOp == 1) return y > x ? y : x;
+    return x + y;
+  }
+  template <int kOp>
+  static inline cf_vf8 tree8(const cf_vf8* r) {
+    return op8<kOp>(op8<kOp>(op8<kOp>(r[0], r[1]), op8<kOp>(r[2], r[3])),
+                    op8<kOp>(op8<kOp>(r[4], r[5]), op8<kOp>(r[6], r[7])));
+  }
+  // The group's channels (runs of n values) into the slot: lanes reduced 8 channels at a time.
+  void flush_group(int64_t n, const Slot<float>& s) {
     if (ng == 0) return;
     const float inf = std::numeric_limits<float>::infinity();
     const cf_vf8 ident[6] = {cf_vf8{} + inf, cf_vf8{} - inf, cf_vf8{} + inf, cf_vf8{}, cf_vf8{}, cf_vf8{}};
@@ -962,33 +961,14 @@ struct ShortRunsV {
       cf_vf8 r[8];
       for (int j = 0; j < 8; ++j) r[j] = j < ng ? gl[st][j] : ident[st];
       transpose8(r);  // r[l] = lane l of the 8 channels
-      cf_vf8 a, b, c, d;
-      if (st == 0 || st == 2) {
-        a = r[1] < r[0] ? r[1] : r[0];
-        b = r[3] < r[2] ? r[3] : r[2];
-        c = r[5] < r[4] ? r[5] : r[4];
-        d = r[7] < r[6] ? r[7] : r[6];
-        a = b < a ? b : a;
-        c = d < c ? d : c;
-        a = c < a ? c : a;
-      } else if (st == 1) {
-        a = r[1] > r[0] ? r[1] : r[0];
-        b = r[3] > r[2] ? r[3] : r[2];
-        c = r[5] > r[4] ? r[5] : r[4];
-        d = r[7] > r[6] ? r[7] : r[6];
-        a = b > a ? b : a;
-        c = d > c ? d : c;
-        a = c > a ? c : a;
-      } else {
-        a = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
-      }
+      const cf_vf8 a = st == 0 || st == 2 ? tree8<0>(r) : st == 1 ? tree8<1>(r) : tree8<2>(r);
       std::memcpy(res[st], &a, 32);
     }
     for (int j = 0; j < ng; ++j) {
       const int64_t k = g0 + j;
       if (chunk_bad(res[4][j], res[5][j])) {
         for (int i = rbeg[j]; i < rbeg[j + 1]; ++i)
-          for (int64_t v = 0; v < run_len; ++v) row_slow<Ld>(runs[i] + v, k, 1, 0, s);
+          for (int64_t v = 0; v < n; ++v) row_slow<Ld>(runs[i] + v, k, 1, 0, s);
         continue;
       }
       s.mn[k] = res[0][j] < s.mn[k] ? res[0][j] : s.mn[k];
@@ -1001,7 +981,6 @@ struct ShortRunsV {
     ng = 0;
     nruns = 0;
   }
-  int64_t run_len = 0;
   // Folds one run of channel c (n <= kRunBlock / 2 values).
   void add(const in_t* __restrict__ q, int64_t n, int64_t c, const Slot<float>& s) {
     const int64_t per_lane = (n + 7) / 8;
@@ -1009,14 +988,13 @@ struct ShortRunsV {
     if (!same || used + per_lane > kLaneCap || nruns == kRunsCap) {
       if (ng > 0) finish_channel();
       if (same || ng == kG || c != g0 + ng || nruns == kRunsCap) {
-        flush_group(s);
+        flush_group(n, s);
         g0 = c;
       }
       ++ng;
       start_lanes();
       rbeg[ng - 1] = nruns;
     }
-    run_len = n;
     runs[nruns++] = q;
     used += per_lane;
     // The run's sums in two sets of fresh partials (even and odd vectors: two dependency chains,
@@ -1042,14 +1020,14 @@ struct ShortRunsV {
       // of the time of 7 x 7 maps.)
       const int t = static_cast<int>(n - i);
       const cf_vf8 v = load8(q + n - 8);
-      const vi8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
-      const vi8 keep = lane >= 8 - t;
+      const cf_vi8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
+      const cf_vi8 keep = lane >= 8 - t;
       const cf_vf8 a = cf_abs8(v);
-      const cf_vf8 z = reinterpret_cast<cf_vf8>(reinterpret_cast<vi8>(v) & keep);
+      const cf_vf8 z = reinterpret_cast<cf_vf8>(reinterpret_cast<cf_vi8>(v) & keep);
       mn1 = v < mn1 ? v : mn1;
       mx1 = v > mx1 ? v : mx1;
       amn1 = a < amn1 ? a : amn1;
-      const cf_vf8 az = reinterpret_cast<cf_vf8>(reinterpret_cast<vi8>(a) & keep);
+      const cf_vf8 az = reinterpret_cast<cf_vf8>(reinterpret_cast<cf_vi8>(a) & keep);
       s1 += z;
       a1 += az;
       q1 += z * z;
@@ -1061,12 +1039,13 @@ struct ShortRunsV {
     sa += a0 + a1;
     sq += q0 + q1;
   }
-  void flush(int64_t, const Slot<float>& s) {
+  void flush(int64_t n, const Slot<float>& s) {
     if (ng > 0) finish_channel();
-    flush_group(s);
+    flush_group(n, s);
     reset();
   }
 };
+#undef CF_SHUF
 #endif
 
 // ---- entry points ------------------------------------------------------------------------------
