@@ -352,6 +352,28 @@ def test_state_dict_round_trip_with_histograms():
     assert_stats_match(t, s, torch.float32)
 
 
+# Per-channel histograms of rows with channel_bins <= 1024 are binned in two steps on the CPU: the
+# rows' indices buffered as offsets into tiles of 16 channels' counters, then scattered a tile at a
+# time (ChannelTiles; 2048 bins and more keep the one-step path). These shapes fill the buffer
+# several times in one update (600 x 2061: 254 rows a buffer; 40 x 16390: wide rows taken 4096
+# channels at a time, 31 rows a buffer, while rows are added 8 at a time), end on a partial tile
+# (2061 = 128 x 16 + 13; 1029), and read strided channels and non-collapsible rows.
+TILED_LAYOUTS = [
+    ((600, 2061), -1, None),
+    ((40, 16390), -1, None),
+    ((300, 1029), -1, "step2"),
+    ((24, 40, 100), -1, "transpose01"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("channel_bins", [1024, 2048])
+@pytest.mark.parametrize("shape,axis,how", TILED_LAYOUTS, ids=lambda v: str(v))
+def test_per_channel_histograms_in_tiles_match_reference_and_oracle(device, dtype, channel_bins, shape, axis, how):
+    _check_against_reference_and_oracle(device, dtype, shape, axis, how, 64, channel_bins)
+
+
 # 16-bit inputs of at least 2^20 values take the CPU kernel's pattern-table path (|x| bit
 # patterns counted, turned into bins once the call's range is known); smaller ones bin directly.
 LARGE_LAYOUTS = [

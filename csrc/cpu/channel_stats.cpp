@@ -17,6 +17,7 @@
 #include <cstring>
 #include <functional>
 #include <mutex>
+#include <optional>
 #include <limits>
 #include <string>
 #include <type_traits>
@@ -47,7 +48,14 @@ constexpr int64_t kHistPad = 16;
 // (2 x 8 KB for 2048 bins) stay in the 32 KB L1 together (a whole row of 4096 channels at once,
 // 16 KB of indices, pushed the counters out).
 constexpr int64_t kIdxBlock = 1024;
-constexpr int64_t kTileC = 128; // channels per tile of the per-channel histogram pass
+constexpr int64_t kTileC = 128; // channels per tile of the per-channel histogram pass (N > kTiledMaxN)
+// Per-channel histograms of rows (session 9, ChannelTiles): the bin indices of many rows are
+// buffered as int16 offsets into the counters of their tile of kCTile channels, then scattered a
+// tile at a time, so that a tile's counters (17 KB for 256 bins) stay in L1 for all the rows
+// buffered: up to kCIdxLen indices per thread (1 MB), fewer when the input has fewer values.
+constexpr int64_t kCTile = 16;
+constexpr int64_t kCIdxLen = int64_t(1) << 19;
+constexpr int64_t kTiledMaxN = 32767 / kCTile - kHistPad;  // offsets (j * (N + kHistPad) + bin) fit int16
 constexpr int64_t kWideBlock = 4096;  // channels folded at a time when a row has over 2x this many
 constexpr int64_t kParallelMergeC = 16384;  // channels from which the slots are merged in parallel
 // 16-bit inputs (bfloat16, float16) with enough values: the global histogram first counts the
@@ -151,6 +159,8 @@ struct Slot {
   const acc_t* clo = nullptr;     // [C]
   int32_t* csub = nullptr;        // [C][cstride()], after kHistPad counters of pad
   int32_t* idx = nullptr;         // scratch: max(C, kRunBlock, kChunk * kTileC) bin indices
+  int16_t* cidx = nullptr;        // rows with N <= kTiledMaxN: cidx_len per-channel tile offsets
+  int64_t cidx_len = 0;
   // Values beyond the global range, kept while the call's range may still grow (keep_beyond):
   // Slots::slot points these at this thread's part of the call's buffer (nullptr: not kept).
   acc_t ovf_at = 0;               // |x| >= this: beyond the range
@@ -330,6 +340,7 @@ struct SlotBuffers {
   std::vector<double> d;
   std::vector<int64_t> k;
   std::vector<int32_t> idx;
+  std::vector<int16_t> cidx;
   std::vector<acc_t> beyond;  // values beyond the global range (update_typed's pass 1)
   std::vector<acc_t> cbeyond;  // ... beyond their channel's range
   std::vector<int64_t> cbeyond_c;  // ... and their channels
@@ -367,6 +378,8 @@ struct Slots {
   int32_t* hsub = nullptr;     // [n][kHistPad + kSubHists * HB]: global histogram } in the
   int32_t* csub = nullptr;     // [n][kHistPad + C * (N + kHistPad)]: per-channel } counter cache
   int32_t* idx = nullptr;      // [n][max(C, kRunBlock, kChunk * kTileC)]: bin indices
+  int16_t* cidx = nullptr;     // [n][cidx_len]: per-channel tile offsets (rows, N <= kTiledMaxN)
+  int64_t cidx_len = 0;
   std::vector<int64_t> pending;  // [n][kLine]: one cache line per thread (no false sharing)
   std::vector<int64_t> ready;    // [n][kLine]: whether slot t's statistics are initialised
   std::mutex mu;
@@ -376,8 +389,8 @@ struct Slots {
   int64_t* hist_out;
   int64_t* chist_out;
 
-  Slots(int64_t C_, int64_t group_, int n_, bool stats, bool rows, int64_t B_, bool table, int64_t N_, int64_t* hist,
-        int64_t* chist)
+  Slots(int64_t C_, int64_t group_, int n_, bool stats, bool rows, int64_t nrows, int64_t B_, bool table, int64_t N_,
+        int64_t* hist, int64_t* chist)
       : C(C_), group(group_), Cs(C_ / group_), n(n_), B(B_), N(N_), HB(table ? kTab : B_ + kHistPad),
         hblock(B_ ? kHistPad + kSubHists * HB : 0), cblock(N_ ? kHistPad + C_ * (N_ + kHistPad) : 0),
         hist_out(hist), chist_out(chist) {
@@ -395,6 +408,12 @@ struct Slots {
       csub = counters + hblock * n;
       idx_len = std::max<int64_t>({C, kRunBlock, kChunk * kTileC});
       idx = at_least(buf.idx, idx_len * n);
+      if (nrows > 0 && N > 0 && N <= kTiledMaxN) {
+        // every row of the input at once when that takes less than kCIdxLen; always 8 rows
+        const int64_t width = (C + kCTile - 1) / kCTile * kCTile;
+        cidx_len = width * std::max<int64_t>(8, std::min(nrows, kCIdxLen / width));
+        cidx = at_least(buf.cidx, cidx_len * n);
+      }
       pending.assign(n * kLine, 0);
     }
   }
@@ -444,6 +463,10 @@ struct Slots {
     if (N) s.csub = csub + cblock * t + kHistPad;
     if (B || N) {
       s.idx = idx + idx_len * t;
+      if (cidx != nullptr) {
+        s.cidx = cidx + cidx_len * t;
+        s.cidx_len = cidx_len;
+      }
       s.pending = pending.data() + kLine * t;
       s.hist_out = hist_out;
       s.chist_out = chist_out;
@@ -492,8 +515,9 @@ static void run_pass(const at::Tensor& x, const Layout& L, bool stats, const Slo
   const int nthreads = serial ? 1 : std::max(1, at::get_num_threads());
   auto slot_index = [serial]() { return serial ? 0 : at::get_thread_num(); };
   const void* data = x.const_data_ptr();
-  Slots<acc_t> slots(C, L.group, nthreads, stats, L.mode != Mode::kRuns, hargs.B, hargs.table, hargs.N, hist,
-                     chist);
+  const bool row_layout = L.mode != Mode::kRuns;
+  Slots<acc_t> slots(C, L.group, nthreads, stats, row_layout, row_layout ? rows : 0, hargs.B, hargs.table, hargs.N,
+                     hist, chist);
 
 #if CALIBFAST_X86_VARIANTS
 #define CALIBFAST_ISA_CALL(fn, ...)                          \
