@@ -56,6 +56,14 @@ constexpr int64_t kTileC = 128; // channels per tile of the per-channel histogra
 constexpr int64_t kCTile = 16;
 constexpr int64_t kCIdxLen = int64_t(1) << 19;
 constexpr int64_t kTiledMaxN = 32767 / kCTile - kHistPad;  // offsets (j * (N + kHistPad) + bin) fit int16
+// Entries per buffered row for n channels: whole tiles, and an odd number of 64-byte lines, so
+// that a tile's rows (read 32 bytes a row) fall in different L1 sets. At 4096 channels (8 KB a
+// row) every row of a tile mapped to one set of the 8-way L1 (session 9).
+static inline int64_t tile_row_width(int64_t n) {
+  int64_t w = (n + kCTile - 1) / kCTile * kCTile;
+  if ((w * int64_t(sizeof(int16_t)) / 64) % 2 == 0) w += 64 / int64_t(sizeof(int16_t));
+  return w;
+}
 constexpr int64_t kWideBlock = 4096;  // channels folded at a time when a row has over 2x this many
 constexpr int64_t kParallelMergeC = 16384;  // channels from which the slots are merged in parallel
 // 16-bit inputs (bfloat16, float16) with enough values: the global histogram first counts the
@@ -410,7 +418,7 @@ struct Slots {
       idx = at_least(buf.idx, idx_len * n);
       if (nrows > 0 && N > 0 && N <= kTiledMaxN) {
         // every row of the input at once when that takes less than kCIdxLen; always 8 rows
-        const int64_t width = (C + kCTile - 1) / kCTile * kCTile;
+        const int64_t width = (C + kCTile - 1) / kCTile * kCTile + 32;  // >= tile_row_width(n <= C)
         cidx_len = width * std::max<int64_t>(8, std::min(nrows, kCIdxLen / width));
         cidx = at_least(buf.cidx, cidx_len * n);
       }

@@ -453,14 +453,14 @@ struct ChannelTiles {
   const calibfast::Layout& L;
   int64_t c0, n;
   const Slot<typename Ld::acc_t>& s;
-  int64_t width;  // buffer entries per row: n rounded up to a whole tile
+  int64_t width;  // buffer entries per row: tile_row_width(n)
   int64_t cap;    // rows the buffer holds (at least 8: rows_range adds 8 at a time)
   int64_t held = 0;
 
   ChannelTiles(const in_t* base_, const calibfast::Layout& L_, int64_t c0_, int64_t n_,
                const Slot<typename Ld::acc_t>& s_)
       : base(base_), L(L_), c0(c0_), n(n_), s(s_) {
-    width = (n + kCTile - 1) / kCTile * kCTile;
+    width = tile_row_width(n);
     cap = s.cidx_len / width;
     TORCH_INTERNAL_ASSERT(cap >= 8, "calibfast: per-channel index buffer of ", s.cidx_len, " for ", n, " channels");
   }
@@ -495,9 +495,10 @@ struct ChannelTiles {
       // increments' own loads would miss one at a time)
       const char* next = reinterpret_cast<const char*>(h + kCTile * S);
       const int64_t next_lines = t0 + kCTile < n ? kCTile * S * int64_t(sizeof(int32_t)) / 64 : 0;
+      const int64_t per_row = (next_lines + rows - 1) / rows;  // lines prefetched a row
       int64_t line = 0;
       for (int64_t r = 0; r < rows; ++r) {
-        if (line < next_lines) __builtin_prefetch(next + 64 * line++, 1, 3);
+        for (int64_t k = 0; k < per_row && line < next_lines; ++k) __builtin_prefetch(next + 64 * line++, 1, 3);
         const int16_t* ir = ix + r * w;
         // the kCTile channels' increments interleaved: one channel's values fall in few bins, and
         // back-to-back increments of one counter would wait for each other
