@@ -363,6 +363,11 @@ TILED_LAYOUTS = [
     ((40, 16390), -1, None),
     ((300, 1029), -1, "step2"),
     ((24, 40, 100), -1, "transpose01"),
+    # NCHW runs: from 128 values a run, each channel's counters are kept twice (a run alternates
+    # between the copies); shorter runs keep one
+    ((3, 24, 127), 1, None),
+    ((3, 24, 128), 1, None),
+    ((5, 40, 16, 16), 1, None),
 ]
 
 

@@ -409,8 +409,8 @@ static void channel_hist_rows(const typename Ld::in_t* base, const calibfast::La
     constexpr int kInterleave = 8;
     int64_t c = 0;
     for (; c + kInterleave <= tn; c += kInterleave)
-      channel_scatter<kInterleave>(s.idx + c, R, s.csub + (ca + c) * s.cstride(), s.cstride());
-    for (; c < tn; ++c) channel_scatter<1>(s.idx + c, R, s.csub + (ca + c) * s.cstride(), s.cstride());
+      channel_scatter<kInterleave>(s.idx + c, R, s.csub + (ca + c) * s.cblock(), s.cblock());
+    for (; c < tn; ++c) channel_scatter<1>(s.idx + c, R, s.csub + (ca + c) * s.cblock(), s.cblock());
   }
   s.note_binned(R * n);
 }
@@ -468,7 +468,7 @@ struct ChannelTiles {
   void add(int64_t r0, int64_t r1) {
     if (held + (r1 - r0) > cap) scatter();
     const int64_t cs = L.channel_stride;
-    const int32_t S = static_cast<int32_t>(s.cstride());
+    const int32_t S = static_cast<int32_t>(s.cblock());
     for (int64_t r = r0; r < r1; ++r, ++held) {
       const in_t* row = base + L.offsets(r) + c0 * cs;
       const int32_t left_out = channel_bin_indices<Ld, kUnit>(row, n, cs, s.cscale + c0, s.clo + c0, s.N, s.idx);
@@ -480,7 +480,7 @@ struct ChannelTiles {
   void scatter() {
     if (held == 0) return;
     static_assert(std::endian::native == std::endian::little, "four indices per 64-bit word, low one first");
-    const int64_t S = s.cstride();
+    const int64_t S = s.cblock();
     const int64_t rows = held, w = width;  // (locals: the stores to h may alias the members)
     for (int64_t t0 = 0; t0 < n; t0 += kCTile) {
       const int16_t* __restrict__ ix = s.cidx + t0;
@@ -538,8 +538,12 @@ static inline void hist_run(const typename Ld::in_t* p, int64_t n, int64_t k, co
   if (s.N) {
     const int32_t left_out = bin_indices<Ld, true>(p, n, 1, s.cscale[k], s.clo[k], s.N, s.idx);
     if (left_out && wants_channel_beyond(s)) keep_beyond_channels<Ld, true, true>(p, n, 1, k, s);
-    int32_t* h = s.csub + k * s.cstride();  // (-1 and N land in the pads)
-    for (int64_t j = 0; j < n; ++j) h[s.idx[j]] += 1;
+    int32_t* h = s.csub + k * s.cblock();  // (-1 and N land in the pads)
+    if (s.ccopies == 2) {
+      scatter_global(s.idx, n, s.cstride(), h);  // alternating between the channel's two copies
+    } else {
+      for (int64_t j = 0; j < n; ++j) h[s.idx[j]] += 1;
+    }
   }
   s.note_binned(n);
 }
