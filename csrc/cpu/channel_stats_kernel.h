@@ -411,6 +411,7 @@ static void channel_hist_rows(const typename Ld::in_t* base, const calibfast::La
     for (; c + kInterleave <= tn; c += kInterleave)
       channel_scatter<kInterleave>(s.idx + c, R, s.csub + (ca + c) * s.cblock(), s.cblock());
     for (; c < tn; ++c) channel_scatter<1>(s.idx + c, R, s.csub + (ca + c) * s.cblock(), s.cblock());
+    s.touched(ca, ca + tn);
   }
   s.note_binned(R * n);
 }
@@ -513,6 +514,7 @@ struct ChannelTiles {
         }
       }
     }
+    s.touched(c0, c0 + n);
     s.note_binned(held * n);
     held = 0;
   }
@@ -539,6 +541,7 @@ static inline void hist_run(const typename Ld::in_t* p, int64_t n, int64_t k, co
     const int32_t left_out = bin_indices<Ld, true>(p, n, 1, s.cscale[k], s.clo[k], s.N, s.idx);
     if (left_out && wants_channel_beyond(s)) keep_beyond_channels<Ld, true, true>(p, n, 1, k, s);
     int32_t* h = s.csub + k * s.cblock();  // (-1 and N land in the pads)
+    s.touched(k, k + 1);
     if (s.ccopies == 2) {
       scatter_global(s.idx, n, s.cstride(), h);  // alternating between the channel's two copies
     } else {
