@@ -361,6 +361,8 @@ def test_state_dict_round_trip_with_histograms():
 TILED_LAYOUTS = [
     ((600, 2061), -1, None),
     ((40, 16390), -1, None),
+    # the growth pass (histograms only) adds a chunk of 64 rows at a time to a 31-row buffer
+    ((100, 16390), -1, None),
     ((300, 1029), -1, "step2"),
     ((24, 40, 100), -1, "transpose01"),
     # NCHW runs: from 128 values a run, each channel's counters are kept twice (a run alternates

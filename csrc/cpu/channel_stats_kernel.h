@@ -467,10 +467,11 @@ struct ChannelTiles {
   }
 
   void add(int64_t r0, int64_t r1) {
-    if (held + (r1 - r0) > cap) scatter();
+    if (held + (r1 - r0) > cap) scatter();  // (8 rows at a time from rows_range: the rows stay together)
     const int64_t cs = L.channel_stride;
     const int32_t S = static_cast<int32_t>(s.cblock());
     for (int64_t r = r0; r < r1; ++r, ++held) {
+      if (held == cap) scatter();  // more rows than the buffer holds (a whole chunk, wide rows)
       const in_t* row = base + L.offsets(r) + c0 * cs;
       const int32_t left_out = channel_bin_indices<Ld, kUnit>(row, n, cs, s.cscale + c0, s.clo + c0, s.N, s.idx);
       tile_offsets(s.idx, n, S, s.cidx + held * width);
