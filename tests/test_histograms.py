@@ -352,9 +352,9 @@ def test_state_dict_round_trip_with_histograms():
     assert_stats_match(t, s, torch.float32)
 
 
-# Per-channel histograms of rows with channel_bins <= 1024 are binned in two steps on the CPU: the
+# Per-channel histograms of rows with channel_bins <= 2048 are binned in two steps on the CPU: the
 # rows' indices buffered as offsets into tiles of 16 channels' counters, then scattered a tile at a
-# time (ChannelTiles; 2048 bins and more keep the one-step path). These shapes fill the buffer
+# time (ChannelTiles; 4096 bins and more keep the one-step path). These shapes fill the buffer
 # several times in one update (600 x 2061: 254 rows a buffer; 40 x 16390: wide rows taken 4096
 # channels at a time, 31 rows a buffer, while rows are added 8 at a time), end on a partial tile
 # (2061 = 128 x 16 + 13; 1029), and read strided channels and non-collapsible rows.
@@ -379,6 +379,15 @@ TILED_LAYOUTS = [
 @pytest.mark.parametrize("shape,axis,how", TILED_LAYOUTS, ids=lambda v: str(v))
 def test_per_channel_histograms_in_tiles_match_reference_and_oracle(device, dtype, channel_bins, shape, axis, how):
     _check_against_reference_and_oracle(device, dtype, shape, axis, how, 64, channel_bins)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,axis,how", [((200, 517), -1, None), ((64, 40, 33), -1, "transpose01")],
+                         ids=lambda v: str(v))
+def test_per_channel_histograms_past_the_tiles_match_reference_and_oracle(device, dtype, shape, axis, how):
+    # 4096 bins a channel: tile offsets would not fit 16 bits; the one-step path bins these rows
+    _check_against_reference_and_oracle(device, dtype, shape, axis, how, 64, 4096)
 
 
 # 16-bit inputs of at least 2^20 values take the CPU kernel's pattern-table path (|x| bit

@@ -50,7 +50,7 @@ constexpr int64_t kHistPad = 16;
 constexpr int64_t kIdxBlock = 1024;
 constexpr int64_t kTileC = 128; // channels per tile of the per-channel histogram pass (N > kTiledMaxN)
 // Per-channel histograms of rows (session 9, ChannelTiles): the bin indices of many rows are
-// buffered as int16 offsets into the counters of their tile of kCTile channels, then scattered a
+// buffered as uint16 offsets into the counters of their tile of kCTile channels, then scattered a
 // tile at a time, so that a tile's counters (17 KB for 256 bins) stay in L1 for all the rows
 // buffered: up to kCIdxLen indices per thread (1 MB), fewer when the input has fewer values.
 constexpr int64_t kCTile = 16;
@@ -61,13 +61,13 @@ constexpr int64_t kCTile = 16;
 // twice the counters than they gained (4 x 2048 x 7 x 7: 1.22 -> 1.52 ms).
 constexpr int64_t kTwoCopiesMinRun = 128;
 constexpr int64_t kCIdxLen = int64_t(1) << 19;
-constexpr int64_t kTiledMaxN = 32767 / kCTile - kHistPad;  // offsets (j * (N + kHistPad) + bin) fit int16
+constexpr int64_t kTiledMaxN = 65535 / kCTile - kHistPad;  // offsets (j * (N + kHistPad) + bin + 1) fit uint16
 // Entries per buffered row for n channels: whole tiles, and an odd number of 64-byte lines, so
 // that a tile's rows (read 32 bytes a row) fall in different L1 sets. At 4096 channels (8 KB a
 // row) every row of a tile mapped to one set of the 8-way L1 (session 9).
 static inline int64_t tile_row_width(int64_t n) {
   int64_t w = (n + kCTile - 1) / kCTile * kCTile;
-  if ((w * int64_t(sizeof(int16_t)) / 64) % 2 == 0) w += 64 / int64_t(sizeof(int16_t));
+  if ((w * int64_t(sizeof(uint16_t)) / 64) % 2 == 0) w += 64 / int64_t(sizeof(uint16_t));
   return w;
 }
 constexpr int64_t kWideBlock = 4096;  // channels folded at a time when a row has over 2x this many
@@ -177,7 +177,7 @@ struct Slot {
   // as the global histogram's do; 1 otherwise.
   int64_t ccopies = 1;
   int32_t* idx = nullptr;         // scratch: max(C, kRunBlock, kChunk * kTileC) bin indices
-  int16_t* cidx = nullptr;        // rows with N <= kTiledMaxN: cidx_len per-channel tile offsets
+  uint16_t* cidx = nullptr;       // rows with N <= kTiledMaxN: cidx_len per-channel tile offsets
   int64_t cidx_len = 0;
   // Values beyond the global range, kept while the call's range may still grow (keep_beyond):
   // Slots::slot points these at this thread's part of the call's buffer (nullptr: not kept).
@@ -390,7 +390,7 @@ struct SlotBuffers {
   std::vector<double> d;
   std::vector<int64_t> k;
   std::vector<int32_t> idx;
-  std::vector<int16_t> cidx;
+  std::vector<uint16_t> cidx;
   std::vector<acc_t> beyond;  // values beyond the global range (update_typed's pass 1)
   std::vector<acc_t> cbeyond;  // ... beyond their channel's range
   std::vector<int64_t> cbeyond_c;  // ... and their channels
@@ -428,7 +428,7 @@ struct Slots {
   int32_t* hsub = nullptr;     // [n][kHistPad + kSubHists * HB]: global histogram } in the
   int32_t* csub = nullptr;     // [n][kHistPad + C * (N + kHistPad)]: per-channel } counter cache
   int32_t* idx = nullptr;      // [n][max(C, kRunBlock, kChunk * kTileC)]: bin indices
-  int16_t* cidx = nullptr;     // [n][cidx_len]: per-channel tile offsets (rows, N <= kTiledMaxN)
+  uint16_t* cidx = nullptr;    // [n][cidx_len]: per-channel tile offsets (rows, N <= kTiledMaxN)
   int64_t cidx_len = 0;
   std::vector<int64_t> pending;  // [n][kLine]: one cache line per thread (no false sharing)
   std::vector<int64_t> ready;    // [n][kLine]: whether slot t's statistics are initialised

@@ -417,27 +417,29 @@ static void channel_hist_rows(const typename Ld::in_t* base, const calibfast::La
 }
 
 // One row's per-channel bin indices (n channels, -1 .. N as channel_bin_indices writes them) as
-// int16 offsets into their tile's counters: channel c's index i becomes (c % kCTile) * S + i
-// (S = N + kHistPad: -1 and N, not binned, land in the pads around each channel's N counters).
+// uint16 offsets into their tile's counters, biased by one: channel c's index i becomes
+// (c % kCTile) * S + i + 1 (S: counters per channel; -1 and N, not binned, land in the pads
+// around each channel's N counters; the bias makes -1 of the tile's first channel 0).
 // A second loop over the int32 indices, not fused into the binning: fused, the running maximum
 // was reduced across lanes once per tile.
-static inline void tile_offsets(const int32_t* __restrict__ idx, int64_t n, int32_t S, int16_t* __restrict__ out) {
+static inline void tile_offsets(const int32_t* __restrict__ idx, int64_t n, int32_t S, uint16_t* __restrict__ out) {
   static_assert(kCTile == 16, "tile_offsets packs 16 channels into one 32-byte store");
   int64_t c0 = 0;
 #if CALIBFAST_VECTOR_VARIANT && CALIBFAST_F16C
-  // (GCC's own vectorisation of the loop below assembled the int16 words one at a time, with
-  // store-forwarding stalls.) The offsets fit int16 (N <= kTiledMaxN): the saturating pack is exact.
-  const __m256i off_lo = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(S));
+  // (GCC's own vectorisation of the loop below assembled the 16-bit words one at a time, with
+  // store-forwarding stalls.) The offsets fit uint16 (N <= kTiledMaxN): the saturating pack is exact.
+  const __m256i off_lo = _mm256_add_epi32(
+      _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(S)), _mm256_set1_epi32(1));
   const __m256i off_hi = _mm256_add_epi32(off_lo, _mm256_set1_epi32(8 * S));
   for (; c0 + kCTile <= n; c0 += kCTile) {
     const __m256i a = _mm256_add_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx + c0)), off_lo);
     const __m256i b = _mm256_add_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx + c0 + 8)), off_hi);
     // packs interleaves 128-bit halves (a0-3 b0-3 a4-7 b4-7); the permute restores channel order
-    const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8);
+    const __m256i w = _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), 0xD8);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c0), w);
   }
 #endif
-  for (; c0 < n; ++c0) out[c0] = static_cast<int16_t>(idx[c0] + (c0 % kCTile) * S);
+  for (; c0 < n; ++c0) out[c0] = static_cast<uint16_t>(idx[c0] + (c0 % kCTile) * S + 1);
 }
 
 // Per-channel histograms of rows x channels [c0, c0 + n) for N <= kTiledMaxN, binned in two steps
@@ -485,12 +487,13 @@ struct ChannelTiles {
     const int64_t S = s.cblock();
     const int64_t rows = held, w = width;  // (locals: the stores to h may alias the members)
     for (int64_t t0 = 0; t0 < n; t0 += kCTile) {
-      const int16_t* __restrict__ ix = s.cidx + t0;
+      const uint16_t* __restrict__ ix = s.cidx + t0;
       int32_t* __restrict__ h = s.csub + (c0 + t0) * S;
+      int32_t* __restrict__ hb = h - 1;  // (the offsets' bias)
       const int64_t m = std::min(kCTile, n - t0);
       if (m < kCTile) {
         for (int64_t r = 0; r < rows; ++r)
-          for (int64_t j = 0; j < m; ++j) h[ix[r * w + j]] += 1;
+          for (int64_t j = 0; j < m; ++j) hb[ix[r * w + j]] += 1;
         continue;
       }
       // the next tile's counters, fetched from L3 while this tile's increments run (the
@@ -501,17 +504,17 @@ struct ChannelTiles {
       int64_t line = 0;
       for (int64_t r = 0; r < rows; ++r) {
         for (int64_t k = 0; k < per_row && line < next_lines; ++k) __builtin_prefetch(next + 64 * line++, 1, 3);
-        const int16_t* ir = ix + r * w;
+        const uint16_t* ir = ix + r * w;
         // the kCTile channels' increments interleaved: one channel's values fall in few bins, and
         // back-to-back increments of one counter would wait for each other
 #pragma GCC unroll 4
         for (int k = 0; k < kCTile / 4; ++k) {
           uint64_t v;
           std::memcpy(&v, ir + 4 * k, sizeof(v));
-          h[static_cast<int16_t>(v)] += 1;
-          h[static_cast<int16_t>(v >> 16)] += 1;
-          h[static_cast<int16_t>(v >> 32)] += 1;
-          h[static_cast<int16_t>(v >> 48)] += 1;
+          hb[v & 0xffff] += 1;
+          hb[(v >> 16) & 0xffff] += 1;
+          hb[(v >> 32) & 0xffff] += 1;
+          hb[v >> 48] += 1;
         }
       }
     }
