@@ -54,12 +54,6 @@ constexpr int64_t kTileC = 128; // channels per tile of the per-channel histogra
 // tile at a time, so that a tile's counters (17 KB for 256 bins) stay in L1 for all the rows
 // buffered: up to kCIdxLen indices per thread (1 MB), fewer when the input has fewer values.
 constexpr int64_t kCTile = 16;
-// Run layouts (NCHW) with runs of at least this many values keep two copies of each channel's
-// counters (Slot::ccopies). One copy: a run's increments, crowded into few bins, waited on each
-// other (session 9, process time, 1 thread, fastest of 3 alternations, 256 bins a channel:
-// 16 x 512 x 14 x 14 2.04 -> 1.55 ms, 8 x 512 x 64 x 64 19.6 -> 13.7). Shorter runs lost more to
-// twice the counters than they gained (4 x 2048 x 7 x 7: 1.22 -> 1.52 ms).
-constexpr int64_t kTwoCopiesMinRun = 128;
 constexpr int64_t kCIdxLen = int64_t(1) << 19;
 constexpr int64_t kTiledMaxN = 65535 / kCTile - kHistPad;  // offsets (j * (N + kHistPad) + bin + 1) fit uint16
 // Entries per buffered row for n channels: whole tiles, and an odd number of 64-byte lines, so
@@ -70,6 +64,12 @@ static inline int64_t tile_row_width(int64_t n) {
   if ((w * int64_t(sizeof(uint16_t)) / 64) % 2 == 0) w += 64 / int64_t(sizeof(uint16_t));
   return w;
 }
+// Run layouts (NCHW) with runs of at least this many values keep two copies of each channel's
+// counters (Slot::ccopies). One copy: a run's increments, crowded into few bins, waited on each
+// other (session 9, process time, 1 thread, fastest of 3 alternations, 256 bins a channel:
+// 16 x 512 x 14 x 14 2.04 -> 1.55 ms, 8 x 512 x 64 x 64 19.6 -> 13.7). Shorter runs lost more to
+// twice the counters than they gained (4 x 2048 x 7 x 7: 1.22 -> 1.52 ms).
+constexpr int64_t kTwoCopiesMinRun = 128;
 constexpr int64_t kWideBlock = 4096;  // channels folded at a time when a row has over 2x this many
 constexpr int64_t kParallelMergeC = 16384;  // channels from which the slots are merged in parallel
 // 16-bit inputs (bfloat16, float16) with enough values: the global histogram first counts the
@@ -426,7 +426,7 @@ struct Slots {
   int64_t* k = nullptr;        // [n][2][Cs]: nan, inf
   acc_t* scratch = nullptr;    // [n][6][C]: chunk accumulators of the row kernels
   int32_t* hsub = nullptr;     // [n][kHistPad + kSubHists * HB]: global histogram } in the
-  int32_t* csub = nullptr;     // [n][kHistPad + C * (N + kHistPad)]: per-channel } counter cache
+  int32_t* csub = nullptr;     // [n][kHistPad + C * ccopies * (N + kHistPad)]: per-channel } counter cache
   int32_t* idx = nullptr;      // [n][max(C, kRunBlock, kChunk * kTileC)]: bin indices
   uint16_t* cidx = nullptr;    // [n][cidx_len]: per-channel tile offsets (rows, N <= kTiledMaxN)
   int64_t cidx_len = 0;
@@ -440,12 +440,13 @@ struct Slots {
   int64_t* hist_out;
   int64_t* chist_out;
 
-  Slots(int64_t C_, int64_t group_, int n_, bool stats, bool rows, int64_t nrows, int64_t run, int64_t B_, bool table,
-        int64_t N_, int64_t* hist, int64_t* chist)
-      : C(C_), group(group_), Cs(C_ / group_), n(n_), B(B_), N(N_), HB(table ? kTab : B_ + kHistPad),
-        ccopies(!rows && run >= kTwoCopiesMinRun ? 2 : 1), hblock(B_ ? kHistPad + kSubHists * HB : 0),
-        cblock(N_ ? kHistPad + C_ * ccopies * (N_ + kHistPad) : 0),
+  Slots(const Layout& L, int n_, bool stats, int64_t B_, bool table, int64_t N_, int64_t* hist, int64_t* chist)
+      : C(L.channels), group(L.group), Cs(L.channels / L.group), n(n_), B(B_), N(N_),
+        HB(table ? kTab : B_ + kHistPad),
+        ccopies(L.mode == Mode::kRuns && L.run >= kTwoCopiesMinRun ? 2 : 1),
+        hblock(B_ ? kHistPad + kSubHists * HB : 0), cblock(N_ ? kHistPad + C * ccopies * (N_ + kHistPad) : 0),
         hist_out(hist), chist_out(chist) {
+    const bool rows = L.mode != Mode::kRuns;
     SlotBuffers<acc_t>& buf = slot_buffers<acc_t>();
     if (stats) {
       a = at_least(buf.a, 3 * Cs * n);
@@ -460,10 +461,10 @@ struct Slots {
       csub = counters + hblock * n;
       idx_len = std::max<int64_t>({C, kRunBlock, kChunk * kTileC});
       idx = at_least(buf.idx, idx_len * n);
-      if (nrows > 0 && N > 0 && N <= kTiledMaxN) {
-        // every row of the input at once when that takes less than kCIdxLen; always 8 rows
+      if (rows && N > 0 && N <= kTiledMaxN) {
+        // every row of the input at once when that takes less than kCIdxLen; at least 8 rows
         const int64_t width = (C + kCTile - 1) / kCTile * kCTile + 32;  // >= tile_row_width(n <= C)
-        cidx_len = width * std::max<int64_t>(8, std::min(nrows, kCIdxLen / width));
+        cidx_len = width * std::max<int64_t>(8, std::min(L.rows, kCIdxLen / width));
         cidx = at_least(buf.cidx, cidx_len * n);
       }
       pending.assign(n * kLine, 0);
@@ -571,9 +572,7 @@ static void run_pass(const at::Tensor& x, const Layout& L, bool stats, const Slo
   const int nthreads = serial ? 1 : std::max(1, at::get_num_threads());
   auto slot_index = [serial]() { return serial ? 0 : at::get_thread_num(); };
   const void* data = x.const_data_ptr();
-  const bool row_layout = L.mode != Mode::kRuns;
-  Slots<acc_t> slots(C, L.group, nthreads, stats, row_layout, row_layout ? rows : 0, row_layout ? 0 : L.run, hargs.B,
-                     hargs.table, hargs.N, hist, chist);
+  Slots<acc_t> slots(L, nthreads, stats, hargs.B, hargs.table, hargs.N, hist, chist);
 
 #if CALIBFAST_X86_VARIANTS
 #define CALIBFAST_ISA_CALL(fn, ...)                          \

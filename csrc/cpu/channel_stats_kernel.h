@@ -457,7 +457,7 @@ struct ChannelTiles {
   int64_t c0, n;
   const Slot<typename Ld::acc_t>& s;
   int64_t width;  // buffer entries per row: tile_row_width(n)
-  int64_t cap;    // rows the buffer holds (at least 8: rows_range adds 8 at a time)
+  int64_t cap;    // rows the buffer holds (at least 8)
   int64_t held = 0;
 
   ChannelTiles(const in_t* base_, const calibfast::Layout& L_, int64_t c0_, int64_t n_,
@@ -465,15 +465,14 @@ struct ChannelTiles {
       : base(base_), L(L_), c0(c0_), n(n_), s(s_) {
     width = tile_row_width(n);
     cap = s.cidx_len / width;
-    TORCH_INTERNAL_ASSERT(cap >= 8, "calibfast: per-channel index buffer of ", s.cidx_len, " for ", n, " channels");
+    TORCH_INTERNAL_ASSERT(cap >= 1, "calibfast: per-channel index buffer of ", s.cidx_len, " for ", n, " channels");
   }
 
   void add(int64_t r0, int64_t r1) {
-    if (held + (r1 - r0) > cap) scatter();  // (8 rows at a time from rows_range: the rows stay together)
     const int64_t cs = L.channel_stride;
     const int32_t S = static_cast<int32_t>(s.cblock());
     for (int64_t r = r0; r < r1; ++r, ++held) {
-      if (held == cap) scatter();  // more rows than the buffer holds (a whole chunk, wide rows)
+      if (held == cap) scatter();
       const in_t* row = base + L.offsets(r) + c0 * cs;
       const int32_t left_out = channel_bin_indices<Ld, kUnit>(row, n, cs, s.cscale + c0, s.clo + c0, s.N, s.idx);
       tile_offsets(s.idx, n, S, s.cidx + held * width);
