@@ -192,6 +192,37 @@ def test_bfloat16_rows_sixteen_channels_a_step_equal_the_generic_loop(monkeypatc
     assert_stats_match(got, _ref_state(x, -1).update(x[: max(1, rows // 3)] * 2), torch.bfloat16)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(2, 3, 23, 29), (1, 2, 32, 32), (3, 2, 64, 65), (1, 1, 1, 5000)], ids=str)
+def test_long_runs_equal_the_generic_loop(monkeypatch, dtype, shape):
+    """NCHW maps of over 512 values are folded run by run into 16 lanes (value i into lane i % 16).
+    The AVX2 / AVX-512 variants fold bfloat16 and float16 runs in two passes of 8 lanes (vector
+    registers; float16 widened by F16C), the baseline variant lane by lane: the same values reach
+    the same lanes in the same order, so min, max, abs-min, sums and counts are identical (sum x^2
+    may differ by the baseline's unfused multiply-add), with NaN and +-Inf in a block, partial
+    blocks of 1024 values and run tails of 1-15 values."""
+    if not native_on("cpu"):
+        pytest.skip("no native CPU kernel")
+    monkeypatch.setenv("CALIBFAST_CPU_CAPABILITY", "avx2")
+    if calibfast.cpu_capability() == "base":
+        pytest.skip("the processor has no AVX2")
+    g = torch.Generator().manual_seed(sum(shape))
+    x = (torch.randn(shape, generator=g) * 3).to(dtype)
+    flat = x.view(shape[0], shape[1], -1)
+    flat[0, 0, 17] = float("nan")
+    flat[-1, -1, -1] = float("inf")  # in the last run's tail
+    if shape[1] > 1:
+        flat[0, 1, 1030 % flat.shape[-1]] = -float("inf")
+    got = ChannelStats(axis=1, bins=256).update(x).update(x[:1] * 2)
+    monkeypatch.setenv("CALIBFAST_CPU_CAPABILITY", "base")
+    want = ChannelStats(axis=1, bins=256).update(x).update(x[:1] * 2)
+    for name in ("min", "max", "absmin", "absmax", "count", "nan_count", "inf_count", "sum", "sum_abs", "hist"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    torch.testing.assert_close(got.sum_sq, want.sum_sq, rtol=1e-6, atol=0)
+    ref = ChannelStats(axis=1, bins=256, backend="reference").update(x).update(x[:1] * 2)
+    assert_stats_match(got, ref, dtype)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_wide_rows_are_folded_in_channel_blocks_exactly(threads, dtype):

@@ -620,30 +620,41 @@ typedef int32_t cf_vi8 __attribute__((vector_size(32)));
 
 static inline cf_vf8 cf_abs8(cf_vf8 v) { return reinterpret_cast<cf_vf8>(reinterpret_cast<cf_vi8>(v) & 0x7fffffff); }
 
+// The six accumulators (min, max, abs-min, sum, sum |x|, sum x^2) of 8 channels or lanes, held in
+// vector registers while values are folded, loaded from and stored back to six float arrays.
+struct Lanes8 {
+  cf_vf8 mn, mx, amn, sm, sa, sq;
+  inline void load(const float* cmn, const float* cmx, const float* camn, const float* csum, const float* csabs,
+                   const float* cssq, int64_t o) {
+    std::memcpy(&mn, cmn + o, 32);
+    std::memcpy(&mx, cmx + o, 32);
+    std::memcpy(&amn, camn + o, 32);
+    std::memcpy(&sm, csum + o, 32);
+    std::memcpy(&sa, csabs + o, 32);
+    std::memcpy(&sq, cssq + o, 32);
+  }
+  inline void store(float* cmn, float* cmx, float* camn, float* csum, float* csabs, float* cssq, int64_t o) const {
+    std::memcpy(cmn + o, &mn, 32);
+    std::memcpy(cmx + o, &mx, 32);
+    std::memcpy(camn + o, &amn, 32);
+    std::memcpy(csum + o, &sm, 32);
+    std::memcpy(csabs + o, &sa, 32);
+    std::memcpy(cssq + o, &sq, 32);
+  }
+  inline __attribute__((always_inline)) void fold(cf_vf8 v) { fold_value(v, cf_abs8(v), mn, mx, amn, sm, sa, sq); }
+};
+
 // Folds R rows of 8 channels into the chunk accumulators at offset o: row i's 8 values are
 // load(i) (as floats). Shared by the bfloat16 and float16 row paths.
 template <int R, class Load>
 static inline void fold_rows8(Load load, int64_t o, float* __restrict__ cmn, float* __restrict__ cmx,
                               float* __restrict__ camn, float* __restrict__ csum, float* __restrict__ csabs,
                               float* __restrict__ cssq) {
-  cf_vf8 mn, mx, amn, sm, sa, sq;
-  std::memcpy(&mn, cmn + o, 32);
-  std::memcpy(&mx, cmx + o, 32);
-  std::memcpy(&amn, camn + o, 32);
-  std::memcpy(&sm, csum + o, 32);
-  std::memcpy(&sa, csabs + o, 32);
-  std::memcpy(&sq, cssq + o, 32);
+  Lanes8 acc;
+  acc.load(cmn, cmx, camn, csum, csabs, cssq, o);
 #pragma GCC unroll 8
-  for (int i = 0; i < R; ++i) {
-    const cf_vf8 v = load(i);
-    fold_value(v, cf_abs8(v), mn, mx, amn, sm, sa, sq);
-  }
-  std::memcpy(cmn + o, &mn, 32);
-  std::memcpy(cmx + o, &mx, 32);
-  std::memcpy(camn + o, &amn, 32);
-  std::memcpy(csum + o, &sm, 32);
-  std::memcpy(csabs + o, &sa, 32);
-  std::memcpy(cssq + o, &sq, 32);
+  for (int i = 0; i < R; ++i) acc.fold(load(i));
+  acc.store(cmn, cmx, camn, csum, csabs, cssq, o);
 }
 
 // The even (kOdd = 0) or odd channels of 16 at c, from 32-byte loads read as 8 pairs.
@@ -702,6 +713,26 @@ static inline void rows_halves(const uint16_t* const* q, int64_t m, float* cmn, 
     fold_rows8<R>([&](int i) { return load8_half(q[i] + c); }, c, cmn, cmx, camn, csum, csabs, cssq);
 }
 #endif
+#endif
+
+#if CALIBFAST_VECTOR_VARIANT
+// 8 contiguous values of a float-accumulated input (float32, bfloat16, float16) as floats.
+template <class Ld>
+static inline cf_vf8 load8_as_float(const typename Ld::in_t* q) {
+  cf_vf8 v;
+  if constexpr (std::is_same<typename Ld::in_t, float>::value) {
+    std::memcpy(&v, q, 32);
+#if CALIBFAST_F16C
+  } else if constexpr (std::is_same<Ld, LoadF16>::value) {
+    v = load8_half(q);
+#endif
+  } else {
+    float b[8];  // (bfloat16: the compiler makes this vpmovzxwd and a shift)
+    for (int l = 0; l < 8; ++l) b[l] = Ld::load(q[l]);
+    std::memcpy(&v, b, 32);
+  }
+  return v;
+}
 #endif
 
 // Masked scalar path: finite values into the slot directly (sums in float64), non-finite counted.
@@ -842,11 +873,33 @@ static inline int64_t fold_lanes(const typename Ld::in_t* __restrict__ q, int64_
                                  typename Ld::acc_t* __restrict__ mn, typename Ld::acc_t* __restrict__ mx,
                                  typename Ld::acc_t* __restrict__ amn, typename Ld::acc_t* __restrict__ sm,
                                  typename Ld::acc_t* __restrict__ sa, typename Ld::acc_t* __restrict__ sq) {
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
+  const int64_t full = n - n % kLanes;
+#if CALIBFAST_VECTOR_VARIANT
+  if constexpr (std::is_same<typename Ld::acc_t, float>::value && sizeof(typename Ld::in_t) == 2) {
+    // Lanes 0-7, then lanes 8-15, each a pass over the values with its 6 accumulators in
+    // registers (the block is in L1 for the second pass). All 12 at once, with the abs mask and
+    // the loaded values, were more than 16 registers: the compiler kept two on the stack, and
+    // their chains through memory took half of the long runs' time (session 10, perf); float16
+    // went through the scalar conversion. The same lanes get the same values in the same order.
+    // (float32 does not spill, and was slower in two passes: it keeps the loop below.)
+    static_assert(kLanes == 16, "two passes of 8 lanes");
+    for (int h = 0; h < kLanes; h += 8) {
+      Lanes8 acc;
+      acc.load(mn, mx, amn, sm, sa, sq, h);
+      for (int64_t i = h; i < full; i += kLanes) {
+        if (h == 0) __builtin_prefetch(reinterpret_cast<const char*>(q + i) + kRunPrefetch);
+        acc.fold(load8_as_float<Ld>(q + i));
+      }
+      acc.store(mn, mx, amn, sm, sa, sq, h);
+    }
+    return full;
+  }
+#endif
+  for (int64_t i = 0; i < full; i += kLanes) {
+    __builtin_prefetch(reinterpret_cast<const char*>(q + i) + kRunPrefetch);
     for (int l = 0; l < kLanes; ++l) lane_add<Ld>(q[i + l], l, mn, mx, amn, sm, sa, sq);
   }
-  return i;
+  return full;
 }
 
 // Folds a contiguous run of n values of one channel into channel k of the slot.
@@ -998,21 +1051,7 @@ struct ShortRunsV {
   int nruns = 0;
   int rbeg[kG + 1];                // slot j's runs: runs[rbeg[j] .. rbeg[j + 1])
 
-  static inline cf_vf8 load8(const in_t* q) {
-    cf_vf8 v;
-    if constexpr (std::is_same<in_t, float>::value) {
-      std::memcpy(&v, q, 32);
-#if CALIBFAST_F16C
-    } else if constexpr (std::is_same<Ld, LoadF16>::value) {
-      v = load8_half(q);
-#endif
-    } else {
-      float b[8];
-      for (int l = 0; l < 8; ++l) b[l] = Ld::load(q[l]);
-      std::memcpy(&v, b, 32);
-    }
-    return v;
-  }
+  static inline cf_vf8 load8(const in_t* q) { return load8_as_float<Ld>(q); }
   void start_lanes() {
     const float inf = std::numeric_limits<float>::infinity();
     mn = cf_vf8{} + inf;
