@@ -164,6 +164,25 @@ def test_every_cpu_instruction_set(monkeypatch, capability, dtype, shape, axis, 
     assert_stats_match(ChannelStats(axis=axis).update(x), _ref_state(x, axis), dtype)
 
 
+def _use_the_avx2_variant(monkeypatch):
+    """Runs the rest of the test on the AVX2 variant of the CPU kernel (skips without one)."""
+    if not native_on("cpu"):
+        pytest.skip("no native CPU kernel")
+    monkeypatch.setenv("CALIBFAST_CPU_CAPABILITY", "avx2")
+    if calibfast.cpu_capability() == "base":
+        pytest.skip("the processor has no AVX2")
+
+
+def _on_the_baseline_variant_identically(monkeypatch, got, run, extra=()):
+    """`run()` again on the baseline variant: identical results to `got` (the vector variant's),
+    but sum x^2, which may differ by the fused multiply-add the baseline lacks."""
+    monkeypatch.setenv("CALIBFAST_CPU_CAPABILITY", "base")
+    want = run()
+    for name in ("min", "max", "absmin", "absmax", "count", "nan_count", "inf_count", "sum", "sum_abs") + extra:
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    torch.testing.assert_close(got.sum_sq, want.sum_sq, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("rows", [1, 7, 8, 9, 64, 65, 137])
 @pytest.mark.parametrize("C", [16, 17, 32, 47, 4100])
 def test_bfloat16_rows_sixteen_channels_a_step_equal_the_generic_loop(monkeypatch, rows, C):
@@ -172,23 +191,16 @@ def test_bfloat16_rows_sixteen_channels_a_step_equal_the_generic_loop(monkeypatc
     channel a lane. Same operations in the same order per value: min, max, abs-min, sums and
     counts are identical (sum x^2 may differ by the fused multiply-add the baseline lacks), with
     NaN and +-Inf on even and odd channels, chunks of 64 rows, 8-row blocks and their tails."""
-    if not native_on("cpu"):
-        pytest.skip("no native CPU kernel")
-    monkeypatch.setenv("CALIBFAST_CPU_CAPABILITY", "avx2")
-    if calibfast.cpu_capability() == "base":
-        pytest.skip("the processor has no AVX2")
+    _use_the_avx2_variant(monkeypatch)
     g = torch.Generator().manual_seed(rows * 10007 + C)
     x = (torch.randn(rows, C, generator=g) * torch.logspace(-3, 3, C)).bfloat16()
     x[rows // 2, 1] = float("nan")  # odd channel
     x[0, 2] = float("inf")  # even channel
     x[:, min(C - 1, 13)] = -float("inf")  # a channel bad in every chunk
     x[rows - 1, C - 1] = float("nan")  # the last channel (in the n % 16 tail when C is not a multiple)
-    got = ChannelStats().update(x).update(x[: max(1, rows // 3)] * 2)
-    monkeypatch.setenv("CALIBFAST_CPU_CAPABILITY", "base")
-    want = ChannelStats().update(x).update(x[: max(1, rows // 3)] * 2)
-    for name in ("min", "max", "absmin", "absmax", "count", "nan_count", "inf_count", "sum", "sum_abs"):
-        assert torch.equal(getattr(got, name), getattr(want, name)), name
-    torch.testing.assert_close(got.sum_sq, want.sum_sq, rtol=1e-6, atol=0)
+    run = lambda: ChannelStats().update(x).update(x[: max(1, rows // 3)] * 2)  # noqa: E731
+    got = run()
+    _on_the_baseline_variant_identically(monkeypatch, got, run)
     assert_stats_match(got, _ref_state(x, -1).update(x[: max(1, rows // 3)] * 2), torch.bfloat16)
 
 
@@ -201,11 +213,7 @@ def test_long_runs_equal_the_generic_loop(monkeypatch, dtype, shape):
     the same lanes in the same order, so min, max, abs-min, sums and counts are identical (sum x^2
     may differ by the baseline's unfused multiply-add), with NaN and +-Inf in a block, partial
     blocks of 1024 values and run tails of 1-15 values."""
-    if not native_on("cpu"):
-        pytest.skip("no native CPU kernel")
-    monkeypatch.setenv("CALIBFAST_CPU_CAPABILITY", "avx2")
-    if calibfast.cpu_capability() == "base":
-        pytest.skip("the processor has no AVX2")
+    _use_the_avx2_variant(monkeypatch)
     g = torch.Generator().manual_seed(sum(shape))
     x = (torch.randn(shape, generator=g) * 3).to(dtype)
     flat = x.view(shape[0], shape[1], -1)
@@ -213,14 +221,32 @@ def test_long_runs_equal_the_generic_loop(monkeypatch, dtype, shape):
     flat[-1, -1, -1] = float("inf")  # in the last run's tail
     if shape[1] > 1:
         flat[0, 1, 1030 % flat.shape[-1]] = -float("inf")
-    got = ChannelStats(axis=1, bins=256).update(x).update(x[:1] * 2)
-    monkeypatch.setenv("CALIBFAST_CPU_CAPABILITY", "base")
-    want = ChannelStats(axis=1, bins=256).update(x).update(x[:1] * 2)
-    for name in ("min", "max", "absmin", "absmax", "count", "nan_count", "inf_count", "sum", "sum_abs", "hist"):
-        assert torch.equal(getattr(got, name), getattr(want, name)), name
-    torch.testing.assert_close(got.sum_sq, want.sum_sq, rtol=1e-6, atol=0)
+    run = lambda: ChannelStats(axis=1, bins=256).update(x).update(x[:1] * 2)  # noqa: E731
+    got = run()
+    _on_the_baseline_variant_identically(monkeypatch, got, run, ("hist",))
     ref = ChannelStats(axis=1, bins=256, backend="reference").update(x).update(x[:1] * 2)
     assert_stats_match(got, ref, dtype)
+
+
+@pytest.mark.parametrize("rows,C,step", [(67, 300, 2), (9, 4100, 3), (130, 17, 5), (8, 8, 2)], ids=str)
+def test_float16_with_a_channel_stride_equals_the_generic_loop(monkeypatch, rows, C, step):
+    """float16 rows whose channels are not adjacent (x[:, ::step]) are widened 8 channels at a time
+    by F16C in the AVX2 / AVX-512 variants (gathered into one vector), and value by value in the
+    baseline variant: identical min, max, abs-min, sums, counts and histograms, NaN and +-Inf
+    included, and the reference's results."""
+    _use_the_avx2_variant(monkeypatch)
+    g = torch.Generator().manual_seed(rows * 31 + C)
+    full = (torch.randn(rows, C * step, generator=g) * torch.logspace(-4, 4, C * step)).half()
+    full[rows // 2, step] = float("nan")  # channel 1
+    full[0, 0] = -float("inf")
+    full[rows - 1, (C - 1) * step] = float("inf")  # the last channel (past the blocks of 8 when C % 8)
+    x = full[:, ::step]
+    assert x.stride(-1) == step
+    run = lambda: ChannelStats(bins=512, channel_bins=64).update(x).update(x[: max(1, rows // 3)] * 2)  # noqa: E731
+    got = run()
+    _on_the_baseline_variant_identically(monkeypatch, got, run, ("hist", "channel_hist"))
+    ref = ChannelStats(bins=512, channel_bins=64, backend="reference").update(x).update(x[: max(1, rows // 3)] * 2)
+    assert_stats_match(got, ref, torch.float16)
 
 
 @pytest.mark.parametrize("threads", [1, 2])

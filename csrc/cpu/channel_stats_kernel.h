@@ -21,6 +21,19 @@
 
 // Expects channel_stats.cpp to have defined before it: kChunk, kLanes, the Load* structs, Slot.
 
+// One input value in the accumulation type: Ld::load, except float16 in the variants with F16C,
+// where one vcvtsh2ss (_cvtsh_ss, exact like LoadF16::load) replaces the branch-free bit
+// conversion's ~15 operations. The vectorised unit-stride paths widen 8 values at a time instead;
+// this serves the strided ones (float16 with a non-unit channel stride took ~8x float32's time
+// per value: session 10) and the scalar tails.
+template <class Ld>
+static inline typename Ld::acc_t load1(typename Ld::in_t x) {
+#if CALIBFAST_VECTOR_VARIANT && CALIBFAST_F16C
+  if constexpr (std::is_same<Ld, LoadF16>::value) return _cvtsh_ss(x);
+#endif
+  return Ld::load(x);
+}
+
 // Folds the chunk accumulators of n channels into running state. A function of its own with
 // restrict parameters: written inline on the slot's members, GCC 12 did not vectorise the loop
 // ("no vectype"), and this scalar fold took a sixth of the time of the statistics for C = 384.
@@ -136,7 +149,7 @@ static inline int32_t bin_indices_impl(const typename Ld::in_t* __restrict__ p, 
   // binned by the first), and without it (two vector ops fewer per 8 values).
   auto bin = [&](auto with_lo) {
     for (int64_t c = 0; c < n; ++c) {
-      const acc_t a = std::fabs(Ld::load(p[kUnit ? c : c * cs]));
+      const acc_t a = std::fabs(load1<Ld>(p[kUnit ? c : c * cs]));
       acc_t f = a * scale;
       f = f < Bf ? f : Bf;
       int32_t i = static_cast<int32_t>(f);
@@ -176,7 +189,7 @@ static inline void keep_beyond(const typename Ld::in_t* __restrict__ p, int64_t 
   using acc_t = typename Ld::acc_t;
   const acc_t inf = std::numeric_limits<acc_t>::infinity();
   for (int64_t c = 0; c < n; ++c) {
-    const acc_t a = std::fabs(Ld::load(p[kUnit ? c : c * cs]));
+    const acc_t a = std::fabs(load1<Ld>(p[kUnit ? c : c * cs]));
     if (a >= s.ovf_at && a < inf) {
       if (*s.ovf_n < s.ovf_cap) s.ovf[*s.ovf_n] = a;
       *s.ovf_n += 1;
@@ -197,7 +210,7 @@ static inline int32_t channel_bin_indices_impl(const typename Ld::in_t* __restri
   const int32_t Ni = static_cast<int32_t>(N);
   int32_t top = 0;
   for (int64_t c = 0; c < n; ++c) {
-    const acc_t a = std::fabs(Ld::load(p[kUnit ? c : c * cs]));
+    const acc_t a = std::fabs(load1<Ld>(p[kUnit ? c : c * cs]));
     acc_t f = a * scale[c];
     f = f < Nf ? f : Nf;
     int32_t i = a >= lo[c] ? static_cast<int32_t>(f) : Ni;
@@ -272,7 +285,7 @@ static inline void keep_beyond_channels(const typename Ld::in_t* __restrict__ p,
   const acc_t inf = std::numeric_limits<acc_t>::infinity();
   for (int64_t c = 0; c < n; ++c) {
     const int64_t k = kRun ? c0 : c0 + c;
-    const acc_t a = std::fabs(Ld::load(p[kUnit ? c : c * cs]));
+    const acc_t a = std::fabs(load1<Ld>(p[kUnit ? c : c * cs]));
     if (a >= s.covf_at[k] && a < inf) {
       if (*s.covf_n < s.covf_cap) {
         s.covf_c[*s.covf_n] = k;
@@ -585,7 +598,7 @@ static inline void rows_fast(const typename Ld::in_t* const* p, int64_t n, int64
     acc_t mn = cmn[c], mx = cmx[c], amn = camn[c], s = csum[c], sa = csabs[c], sq = cssq[c];
 #pragma GCC unroll 8
     for (int i = 0; i < R; ++i) {
-      const acc_t v = Ld::load(q[i][o]);
+      const acc_t v = load1<Ld>(q[i][o]);
       fold_value(v, std::fabs(v), mn, mx, amn, s, sa, sq);
     }
     cmn[c] = mn;
@@ -704,13 +717,24 @@ static inline cf_vf8 load8_half(const uint16_t* q) {
   return reinterpret_cast<cf_vf8>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
 }
 
-// Folds R rows of float16 channels [0, m) (m a multiple of 8) into the accumulators, 8 channels a
-// step (channel order).
-template <int R>
-static inline void rows_halves(const uint16_t* const* q, int64_t m, float* cmn, float* cmx, float* camn,
-                               float* csum, float* csabs, float* cssq) {
+// 8 float16 values cs apart, as floats (gathered into one vector for one vcvtph2ps).
+static inline cf_vf8 load8_half_strided(const uint16_t* q, int64_t cs) {
+  const __m128i h = _mm_setr_epi16(static_cast<short>(q[0]), static_cast<short>(q[cs]), static_cast<short>(q[2 * cs]),
+                                   static_cast<short>(q[3 * cs]), static_cast<short>(q[4 * cs]),
+                                   static_cast<short>(q[5 * cs]), static_cast<short>(q[6 * cs]),
+                                   static_cast<short>(q[7 * cs]));
+  return reinterpret_cast<cf_vf8>(_mm256_cvtph_ps(h));
+}
+
+// Folds R rows of float16 channels [0, m) (m a multiple of 8; channel stride cs, 1 when kUnit)
+// into the accumulators, 8 channels a step (channel order). With a channel stride, one conversion
+// per value (load1) left the loop scalar: ~1.4 ns a value against ~0.6 for float32 (session 10).
+template <int R, bool kUnit>
+static inline void rows_halves(const uint16_t* const* q, int64_t m, int64_t cs, float* cmn, float* cmx,
+                               float* camn, float* csum, float* csabs, float* cssq) {
   for (int64_t c = 0; c < m; c += 8)
-    fold_rows8<R>([&](int i) { return load8_half(q[i] + c); }, c, cmn, cmx, camn, csum, csabs, cssq);
+    fold_rows8<R>([&](int i) { return kUnit ? load8_half(q[i] + c) : load8_half_strided(q[i] + c * cs, cs); }, c,
+                  cmn, cmx, camn, csum, csabs, cssq);
 }
 #endif
 #endif
@@ -728,7 +752,7 @@ static inline cf_vf8 load8_as_float(const typename Ld::in_t* q) {
 #endif
   } else {
     float b[8];  // (bfloat16: the compiler makes this vpmovzxwd and a shift)
-    for (int l = 0; l < 8; ++l) b[l] = Ld::load(q[l]);
+    for (int l = 0; l < 8; ++l) b[l] = load1<Ld>(q[l]);
     std::memcpy(&v, b, 32);
   }
   return v;
@@ -740,7 +764,7 @@ template <class Ld>
 static void row_slow(const typename Ld::in_t* p, int64_t c0, int64_t n, int64_t cs, const Slot<typename Ld::acc_t>& s) {
   using acc_t = typename Ld::acc_t;
   for (int64_t c = 0; c < n; ++c) {
-    const acc_t v = Ld::load(p[c * cs]);
+    const acc_t v = load1<Ld>(p[c * cs]);
     const int64_t k = s.group == 1 ? c0 + c : (c0 + c) / s.group;
     if (std::isnan(v)) {
       s.nan[k] += 1;
@@ -781,9 +805,9 @@ static void rows_range(const typename Ld::in_t* base, const calibfast::Layout& L
     const in_t* p[8];
     // bfloat16 with unit channel stride: the first m channels by rows_pairs (pair order until
     // unpair below), the rest (n % 16) by rows_fast.
-    // float16 with unit channel stride (and F16C): the first m = n - n % 8 by rows_halves.
+    // float16 (with F16C; any channel stride): the first m = n - n % 8 by rows_halves.
     constexpr bool kPairs = CALIBFAST_VECTOR_VARIANT && kUnit && std::is_same<Ld, LoadBF16>::value;
-    constexpr bool kHalves = CALIBFAST_VECTOR_VARIANT && CALIBFAST_F16C && kUnit && std::is_same<Ld, LoadF16>::value;
+    constexpr bool kHalves = CALIBFAST_VECTOR_VARIANT && CALIBFAST_F16C && std::is_same<Ld, LoadF16>::value;
     const int64_t m = kPairs ? n / 16 * 16 : kHalves ? n / 8 * 8 : 0;
     auto fold_rows = [&](auto rows) {
       constexpr int R = decltype(rows)::value;
@@ -793,7 +817,7 @@ static void rows_range(const typename Ld::in_t* base, const calibfast::Layout& L
       }
 #if CALIBFAST_F16C
       if constexpr (kHalves) {
-        if (m) rows_halves<R>(p, m, cmn, cmx, camn, csum, csabs, cssq);
+        if (m) rows_halves<R, kUnit>(p, m, cs, cmn, cmx, camn, csum, csabs, cssq);
       }
 #endif
 #endif
@@ -862,7 +886,7 @@ static inline void lane_add(typename Ld::in_t x, int l, typename Ld::acc_t* __re
                             typename Ld::acc_t* __restrict__ sm, typename Ld::acc_t* __restrict__ sa,
                             typename Ld::acc_t* __restrict__ sq) {
   using acc_t = typename Ld::acc_t;
-  const acc_t v = Ld::load(x);
+  const acc_t v = load1<Ld>(x);
   fold_value(v, std::fabs(v), mn[l], mx[l], amn[l], sm[l], sa[l], sq[l]);
 }
 
@@ -1010,7 +1034,7 @@ struct ShortRuns {
     // scalar stores into the lane arrays stalled the next run's vector loads of them (store
     // forwarding), a third of the time of 7 x 7 maps.
     for (; i < n; ++i) {
-      const acc_t v = Ld::load(q[i]);
+      const acc_t v = load1<Ld>(q[i]);
       const acc_t a = std::fabs(v);
       tmn = v < tmn ? v : tmn;
       tmx = v > tmx ? v : tmx;
