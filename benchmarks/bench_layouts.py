@@ -8,7 +8,7 @@ histogram) for each layout at a fixed size, against ``x.sum()`` on the same tens
 reports each as a multiple of the floor and of the ``4096 x 4096``-shaped tensor's time per byte:
 "as fast per byte as the linear-layer layout" means a ratio of 1.
 
-    python benchmarks/bench_layouts.py                       # 64 MiB float32 and bfloat16
+    python benchmarks/bench_layouts.py                       # 64 MiB float32, bfloat16 and float16
     python benchmarks/bench_layouts.py --mib 16 --rounds 5 --out /tmp/layouts
 
 Every layout's statistics are first checked against calibfast's pure-torch reference on a small
@@ -29,7 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from bench_ranges import _cpu_name  # noqa: E402  (the benchmarks' machine line)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def layouts(values):
@@ -42,6 +42,7 @@ def layouts(values):
         ("tokens x 1024, axis -1", (n // 1024, 1024), -1, None),
         ("tokens x 16384, axis -1", (n // 16384, 16384), -1, None),
         ("tokens x 65536, axis -1", (n // 65536, 65536), -1, None),
+        ("tokens x 4096 stored channel-major (x.t()), axis -1", (4096, n // 4096), -1, "transpose"),
         ("N x 64 x 64 x 64 (NCHW), axis 1", (n // (64 * 4096), 64, 64, 64), 1, None),
         ("N x 256 x 16 x 16 (NCHW), axis 1", (n // (256 * 256), 256, 16, 16), 1, None),
         ("N x 512 x 7 x 7 (NCHW), axis 1", (n // (512 * 49), 512, 7, 7), 1, None),
@@ -52,6 +53,8 @@ def layouts(values):
 def make(shape, dtype, how, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=g).to(dtype)
+    if how == "transpose":  # [C, tokens] storage seen as [tokens, C]: each channel contiguous
+        x = x.t()
     if how == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     return x
@@ -76,7 +79,7 @@ def check(dtype):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mib", type=int, default=64, help="tensor size in MiB of float32 (default 64)")
-    p.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["float32", "bfloat16"])
+    p.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["float32", "bfloat16", "float16"])
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=os.path.join(HERE, "results", "cpu_layouts"),
@@ -93,7 +96,7 @@ def main(argv=None):
              f"- date {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; "
              f"load average at start {[round(v, 2) for v in os.getloadavg()]}",
              f"- command: `{shlex.join(['python', 'benchmarks/bench_layouts.py'] + argv)}`",
-             f"- {args.mib} MiB of float32 per tensor ({values} values; bfloat16: the same values, half the bytes); "
+             f"- {args.mib} MiB of float32 per tensor ({values} values; bfloat16 and float16: the same values, half the bytes); "
              f"{args.rounds} rounds, every layout once per round", ""]
     for dt in args.dtype:
         dtype = DTYPES[dt]

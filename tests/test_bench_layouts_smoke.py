@@ -13,11 +13,11 @@ def test_tiny_run_writes_every_layout(tmp_path):
     assert bench_layouts.main(["--mib", "1", "--rounds", "1", "--out", str(out)]) == 0
     md = (tmp_path / "layouts.md").read_text()
     assert "- command: `python benchmarks/bench_layouts.py --mib 1 --rounds 1" in md
-    for dt in ("float32", "bfloat16"):
+    for dt in ("float32", "bfloat16", "float16"):
         assert f"## {dt}" in md
     for label, *_ in bench_layouts.layouts(1 << 18):
         rows = [line for line in md.splitlines() if line.startswith(f"| {label} |")]
-        assert len(rows) == 2, label
+        assert len(rows) == 3, label  # one per dtype
         for row in rows:
             cells = [c.strip() for c in row.strip("|").split("|")]
             ratios = [float(c) for c in cells[2:]]
