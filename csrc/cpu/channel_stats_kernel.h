@@ -1075,7 +1075,6 @@ struct ShortRunsV {
   int nruns = 0;
   int rbeg[kG + 1];                // slot j's runs: runs[rbeg[j] .. rbeg[j + 1])
 
-  static inline cf_vf8 load8(const in_t* q) { return load8_as_float<Ld>(q); }
   void start_lanes() {
     const float inf = std::numeric_limits<float>::infinity();
     mn = cf_vf8{} + inf;
@@ -1185,12 +1184,12 @@ struct ShortRunsV {
     cf_vf8 mx1 = -inf, mn1 = inf, amn1 = inf;
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) {
-      const cf_vf8 v = load8(q + i), w = load8(q + i + 8);
+      const cf_vf8 v = load8_as_float<Ld>(q + i), w = load8_as_float<Ld>(q + i + 8);
       fold_value(v, cf_abs8(v), mn, mx, amn, s0, a0, q0);
       fold_value(w, cf_abs8(w), mn1, mx1, amn1, s1, a1, q1);
     }
     if (i + 8 <= n) {
-      const cf_vf8 v = load8(q + i);
+      const cf_vf8 v = load8_as_float<Ld>(q + i);
       fold_value(v, cf_abs8(v), mn, mx, amn, s0, a0, q0);
       i += 8;
     }
@@ -1200,7 +1199,7 @@ struct ShortRunsV {
       // scalar stores into a buffer read back as a vector: that failed store forwarding, a third
       // of the time of 7 x 7 maps.)
       const int t = static_cast<int>(n - i);
-      const cf_vf8 v = load8(q + n - 8);
+      const cf_vf8 v = load8_as_float<Ld>(q + n - 8);
       const cf_vi8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
       const cf_vi8 keep = lane >= 8 - t;
       const cf_vf8 a = cf_abs8(v);
