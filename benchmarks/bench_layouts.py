@@ -3,10 +3,11 @@
 
 Linear-layer activations are ``[tokens, C]`` with the channel axis last; conv activations are
 ``N x C x H x W`` with the channel axis 1 (each channel a run of H x W contiguous values per
-sample), or channels last. This times the update (statistics only, and statistics + 2048-bin
-histogram) for each layout at a fixed size, against ``x.sum()`` on the same tensor (one read), and
-reports each as a multiple of the floor and of the ``4096 x 4096``-shaped tensor's time per byte:
-"as fast per byte as the linear-layer layout" means a ratio of 1.
+sample), or channels last. This times the update (statistics only; statistics + 2048-bin
+histogram; and the same with ``--channel-bins`` per-channel histograms too) for each layout at a
+fixed size, against ``x.sum()`` on the same tensor (one read), and reports each as a multiple of
+the floor and of the ``4096 x 4096``-shaped tensor's time per byte: "as fast per byte as the
+linear-layer layout" means a ratio of 1.
 
     python benchmarks/bench_layouts.py                       # 64 MiB float32, bfloat16 and float16
     python benchmarks/bench_layouts.py --mib 16 --rounds 5 --out /tmp/layouts
@@ -46,6 +47,7 @@ def layouts(values):
         ("N x 64 x 64 x 64 (NCHW), axis 1", (n // (64 * 4096), 64, 64, 64), 1, None),
         ("N x 256 x 16 x 16 (NCHW), axis 1", (n // (256 * 256), 256, 16, 16), 1, None),
         ("N x 512 x 7 x 7 (NCHW), axis 1", (n // (512 * 49), 512, 7, 7), 1, None),
+        ("N x 1024 x 3 x 3 (NCHW), axis 1", (n // (1024 * 9), 1024, 3, 3), 1, None),
         ("N x 64 x 64 x 64 (channels last), axis 1", (n // (64 * 4096), 64, 64, 64), 1, "channels_last"),
     ]
 
@@ -60,20 +62,22 @@ def make(shape, dtype, how, seed=0):
     return x
 
 
-def check(dtype):
+def check(dtype, channel_bins):
     """Each layout against the reference on a small tensor of that layout (exits 1 on a mismatch)."""
     import calibfast
     for label, shape, axis, how in layouts(1 << 20):
         small = tuple(max(2, s // 8) if i == 0 else s for i, s in enumerate(shape))
         x = make(small, dtype, how, seed=1)
-        for bins in (0, 2048):
-            a = calibfast.ChannelStats(axis=axis, bins=bins).update(x)
-            r = calibfast.ChannelStats(axis=axis, bins=bins, backend="reference").update(x)
+        for bins, cb in ((0, 0), (2048, 0), (2048, channel_bins)):
+            a = calibfast.ChannelStats(axis=axis, bins=bins, channel_bins=cb).update(x)
+            r = calibfast.ChannelStats(axis=axis, bins=bins, channel_bins=cb, backend="reference").update(x)
             for k in ("min", "max", "absmin", "count"):
                 if not torch.equal(getattr(a, k), getattr(r, k)):
                     sys.exit(f"SANITY CHECK FAILED: {label} {dtype} bins={bins}: {k} differs from the reference")
             if bins and not torch.equal(a.hist, r.hist):
                 sys.exit(f"SANITY CHECK FAILED: {label} {dtype}: histogram differs from the reference")
+            if cb and not torch.equal(a.channel_hist, r.channel_hist):
+                sys.exit(f"SANITY CHECK FAILED: {label} {dtype}: per-channel histograms differ from the reference")
 
 
 def main(argv=None):
@@ -82,6 +86,8 @@ def main(argv=None):
     p.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["float32", "bfloat16", "float16"])
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--channel-bins", type=int, default=256,
+                   help="per-channel histogram bins of the third measurement (0: leave it out; default 256)")
     p.add_argument("--out", default=os.path.join(HERE, "results", "cpu_layouts"),
                    help="writes <out>.md (default benchmarks/results/cpu_layouts)")
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -100,29 +106,41 @@ def main(argv=None):
              f"{args.rounds} rounds, every layout once per round", ""]
     for dt in args.dtype:
         dtype = DTYPES[dt]
-        check(dtype)
+        check(dtype, args.channel_bins)
         cases = []
+        keys = ["stats", "hist"] + (["chist"] if args.channel_bins else [])
         for label, shape, axis, how in layouts(values):
             x = make(shape, dtype, how)
-            s0 = calibfast.ChannelStats(axis=axis, bins=0).update(x)
-            s1 = calibfast.ChannelStats(axis=axis, bins=2048).update(x)
-            cases.append((label, shape, x, s0, s1, {"sum": [], "stats": [], "hist": []}))
+            states = {"stats": calibfast.ChannelStats(axis=axis, bins=0),
+                      "hist": calibfast.ChannelStats(axis=axis, bins=2048)}
+            if args.channel_bins:
+                states["chist"] = calibfast.ChannelStats(axis=axis, bins=2048, channel_bins=args.channel_bins)
+            for st in states.values():
+                st.update(x)
+            cases.append((label, shape, x, states, {k: [] for k in ["sum"] + keys}))
         for _ in range(args.rounds):
-            for label, shape, x, s0, s1, t in cases:
-                for key, fn in (("sum", x.sum), ("stats", lambda: s0.update(x)), ("hist", lambda: s1.update(x))):
+            for label, shape, x, states, t in cases:
+                for key in ["sum"] + keys:
+                    fn = x.sum if key == "sum" else states[key].update
                     a = time.perf_counter()
-                    fn()
+                    fn() if key == "sum" else fn(x)
                     t[key].append(time.perf_counter() - a)
         # per value (the NCHW shapes hold a few values fewer than the others)
-        ref = {k: min(cases[0][5][k]) / cases[0][2].numel() for k in ("stats", "hist")}
-        lines += [f"## {dt}", "",
-                  "| layout | shape | x.sum() ms | stats ms | × floor | × reference | stats + hist ms | × floor | × reference |",
-                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        for label, shape, x, s0, s1, t in cases:
-            fs, st, hi = (min(t[k]) for k in ("sum", "stats", "hist"))
+        ref = {k: min(cases[0][4][k]) / cases[0][2].numel() for k in keys}
+        head = "| layout | shape | x.sum() ms | stats ms | × floor | × reference | stats + hist ms | × floor | × reference |"
+        rule = "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        if args.channel_bins:
+            head += f" + {args.channel_bins}-bin channel hists ms | × floor | × reference |"
+            rule += " ---: | ---: | ---: |"
+        lines += [f"## {dt}", "", head, rule]
+        for label, shape, x, states, t in cases:
+            fs = min(t["sum"])
             n = x.numel()
-            lines.append(f"| {label} | {' x '.join(map(str, shape))} | {fs * 1e3:.2f} | {st * 1e3:.2f} | {st / fs:.2f} | "
-                         f"{st / n / ref['stats']:.2f} | {hi * 1e3:.2f} | {hi / fs:.2f} | {hi / n / ref['hist']:.2f} |")
+            row = f"| {label} | {' x '.join(map(str, shape))} | {fs * 1e3:.2f} |"
+            for k in keys:
+                v = min(t[k])
+                row += f" {v * 1e3:.2f} | {v / fs:.2f} | {v / n / ref[k]:.2f} |"
+            lines.append(row)
         lines.append("")
     lines += ["Fastest of the rounds (the medians move with this machine's load; the fastest is the "
               "kernel's own cost). × floor: over x.sum() on the same tensor; × reference: time per value "

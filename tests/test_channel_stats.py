@@ -116,6 +116,8 @@ def _view(x, how):
         return torch.cat([x, x], dim=-1)[:, ::2]
     if how == "rowstep":
         return torch.cat([x, x], dim=0)[::2]
+    if how == "chstep2":  # every second channel of axis 1: NCHW runs that are not adjacent
+        return torch.cat([x, x], dim=1)[:, ::2]
     if how == "permute":
         return x.permute(3, 1, 0, 2).contiguous().permute(2, 1, 3, 0)
     if how == "deep":

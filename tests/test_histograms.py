@@ -5,6 +5,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import calibfast
 from calibfast import ChannelStats
 from calibfast import _reference
 
@@ -46,8 +47,9 @@ def _check_against_reference_and_oracle(device, dtype, shape, axis, how, bins, c
     if x.numel() == 0:
         return
     seen = torch.stack([x, y, x])  # the three updates, channel axis shifted by one
-    e = int(a.hist_exp)
-    assert torch.equal(a.hist.cpu(), _oracle_hist(seen, axis % x.dim() + 1, bins, e))
+    if bins:
+        e = int(a.hist_exp)
+        assert torch.equal(a.hist.cpu(), _oracle_hist(seen, axis % x.dim() + 1, bins, e))
     ce = a.channel_hist_exp.cpu()
     assert torch.equal(a.channel_hist.cpu(), _oracle_hist(seen, axis % x.dim() + 1, channel_bins, ce, True))
 
@@ -379,6 +381,39 @@ TILED_LAYOUTS = [
 @pytest.mark.parametrize("shape,axis,how", TILED_LAYOUTS, ids=lambda v: str(v))
 def test_per_channel_histograms_in_tiles_match_reference_and_oracle(device, dtype, channel_bins, shape, axis, how):
     _check_against_reference_and_oracle(device, dtype, shape, axis, how, 64, channel_bins)
+
+
+# Per-channel histograms of short NCHW runs (maps under 128 values, one copy of the counters) are
+# binned in two steps on the CPU too (RunTiles): offsets into a buffer region per tile of 16
+# channels, scattered a tile at a time; the vector variants bin the adjacent runs of a sample 8
+# values at a time across run boundaries, the baseline variant run by run. These shapes refill
+# the regions within an update (48 x 512 x 7 x 7: 20 samples a region, 24 a thread), end on a
+# partial tile (C = 1000, 37), cut tiles between the two threads' tasks, take maps under 8 values
+# (2 x 2: run by run), runs that are not adjacent (every second channel) and runs too long for the
+# expanded arrays (10 x 10). The second update grows every range (values beyond it kept, then
+# binned), and bins = 0 leaves the per-channel histograms alone.
+SHORT_RUN_LAYOUTS = [
+    ((48, 512, 7, 7), None),
+    ((60, 1000, 3, 3), None),
+    ((9, 37, 3, 3), None),
+    ((16, 40, 2, 2), None),
+    ((8, 64, 5, 5), "chstep2"),
+    ((4, 24, 10, 10), None),
+]
+
+
+@pytest.mark.parametrize("capability", ["base", "avx2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bins,channel_bins", [(64, 256), (0, 2048)], ids=str)
+@pytest.mark.parametrize("shape,how", SHORT_RUN_LAYOUTS, ids=lambda v: str(v))
+def test_per_channel_histograms_of_short_runs_match_reference_and_oracle(monkeypatch, capability, dtype, bins,
+                                                                          channel_bins, shape, how):
+    if not native_on("cpu"):
+        pytest.skip("no native CPU kernel")
+    monkeypatch.setenv("CALIBFAST_CPU_CAPABILITY", capability)
+    if calibfast.cpu_capability() != capability:
+        pytest.skip(f"the processor has no {capability}")
+    _check_against_reference_and_oracle("cpu", dtype, shape, 1, how, bins, channel_bins)
 
 
 @pytest.mark.parametrize("device", DEVICES)

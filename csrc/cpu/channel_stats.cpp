@@ -471,6 +471,12 @@ struct Slots {
         const int64_t width = (C + kCTile - 1) / kCTile * kCTile + 32;  // >= tile_row_width(n <= C)
         cidx_len = width * std::max<int64_t>(8, std::min(L.rows, kCIdxLen / width));
         cidx = at_least(buf.cidx, cidx_len * n);
+      } else if (!rows && N > 0 && N <= kTiledMaxN && ccopies == 1 && 2 * L.run <= kRunBlock) {
+        // short runs (RunTiles): every value of the input (a region per tile of kCTile channels,
+        // room for one sample's runs in each at least) when that takes less than kCIdxLen
+        const int64_t tiles = (C + kCTile - 1) / kCTile;
+        cidx_len = std::min(kCIdxLen, std::max(L.rows * C, tiles * kCTile * L.run));
+        cidx = at_least(buf.cidx, cidx_len * n);
       }
       pending.assign(n * kLine, 0);
       for (int t = 0; t < n; ++t) pending[t * kLine + 1] = C;  // no channel touched

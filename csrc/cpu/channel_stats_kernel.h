@@ -536,23 +536,24 @@ struct ChannelTiles {
   }
 };
 
-// Bins a contiguous run of n values of channel k.
+// Bins a contiguous run of n values into the global histogram.
 template <class Ld>
-static inline void hist_run(const typename Ld::in_t* p, int64_t n, int64_t k, const Slot<typename Ld::acc_t>& s) {
-  if (s.B) {
-    bool done = false;
-    if constexpr (Ld::kTable) {
-      if (s.table) {
-        count_patterns<true>(p, n, 1, s.hsub);
-        done = true;
-      }
-    }
-    if (!done) {
-      const int32_t left_out = bin_indices<Ld, true>(p, n, 1, s.hscale, s.hlo, s.B, s.idx);
-      scatter_global(s.idx, n, s.hstride, s.hsub);
-      if (left_out && wants_beyond(s)) keep_beyond<Ld, true>(p, n, 1, s);
+static inline void hist_run_global(const typename Ld::in_t* p, int64_t n, const Slot<typename Ld::acc_t>& s) {
+  if constexpr (Ld::kTable) {
+    if (s.table) {
+      count_patterns<true>(p, n, 1, s.hsub);
+      return;
     }
   }
+  const int32_t left_out = bin_indices<Ld, true>(p, n, 1, s.hscale, s.hlo, s.B, s.idx);
+  scatter_global(s.idx, n, s.hstride, s.hsub);
+  if (left_out && wants_beyond(s)) keep_beyond<Ld, true>(p, n, 1, s);
+}
+
+// Bins a contiguous run of n values of channel k (global and per-channel histograms).
+template <class Ld>
+static inline void hist_run(const typename Ld::in_t* p, int64_t n, int64_t k, const Slot<typename Ld::acc_t>& s) {
+  if (s.B) hist_run_global<Ld>(p, n, s);
   if (s.N) {
     const int32_t left_out = bin_indices<Ld, true>(p, n, 1, s.cscale[k], s.clo[k], s.N, s.idx);
     if (left_out && wants_channel_beyond(s)) keep_beyond_channels<Ld, true, true>(p, n, 1, k, s);
@@ -948,6 +949,158 @@ static void run_fold(const typename Ld::in_t* __restrict__ p, int64_t n, int64_t
   }
 }
 
+// Per-channel histograms of short runs (NCHW with small maps: one copy of each channel's
+// counters, N <= kTiledMaxN) in two steps, as ChannelTiles does for rows. The runs' bin indices
+// are written as uint16 offsets into their channel tile's counters (channel k's index i becomes
+// (k % kCTile) * S + i + 1, as tile_offsets writes them) into this thread's buffer, which holds a
+// region per tile of kCTile channels; scatter() then takes the regions one after another, each
+// tile's counters (17 KB for 256 bins) in L1 while it takes their increments, the next tile's
+// prefetched. Session 11: binned run by run, each channel's counters (C x 1.1 KB a thread: L2 or
+// beyond) were fetched for the ~72 increments of one tile of 8 samples, and 3 x 3 maps spent
+// more time on per-run set-up than on the values.
+template <class Ld>
+struct RunTiles {
+  const Slot<typename Ld::acc_t>& s;
+  int64_t n;       // values a run
+  int64_t tiles;   // channel tiles: ceil(C / kCTile)
+  int64_t region;  // buffer entries a tile
+  std::vector<int64_t> fill;  // entries used in each region
+  int64_t jmin, jmax;         // the tiles used
+
+  RunTiles(const Slot<typename Ld::acc_t>& s_, int64_t n_)
+      : s(s_), n(n_), tiles((s_.C + kCTile - 1) / kCTile), jmin(tiles), jmax(-1) {
+    region = s.cidx_len / tiles;
+  }
+  // Whether the buffer has room for a tile's runs of one sample in each region.
+  bool usable() const { return region >= kCTile * n; }
+  void start() { fill.assign(tiles, 0); }
+
+  // Room for len entries in tile j's region (scattering everything first when there is none).
+  inline uint16_t* reserve(int64_t j, int64_t len) {
+    if (fill[j] + len > region) scatter();
+    jmin = j < jmin ? j : jmin;
+    jmax = j > jmax ? j : jmax;
+    uint16_t* out = s.cidx + j * region + fill[j];
+    fill[j] += len;
+    return out;
+  }
+
+  // One run of channel c at p.
+  void add(const typename Ld::in_t* p, int64_t c) {
+    uint16_t* out = reserve(c / kCTile, n);
+    const int32_t base = static_cast<int32_t>((c % kCTile) * s.cstride() + 1);
+    const int32_t left_out = bin_indices<Ld, true>(p, n, 1, s.cscale[c], s.clo[c], s.N, s.idx);
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<uint16_t>(s.idx[i] + base);
+    if (left_out && wants_channel_beyond(s)) keep_beyond_channels<Ld, true, true>(p, n, 1, c, s);
+  }
+
+#if CALIBFAST_VECTOR_VARIANT && CALIBFAST_F16C
+  // Expanded per-value scale, lower bound and offset base of channels [ea, eb) (runs of n values,
+  // (eb - ea) * n <= kExpand): adjacent runs are then binned 8 values at a time across run
+  // boundaries, not run by run (two vectors for a 9-value run, and the per-run set-up).
+  static constexpr int64_t kExpand = 2048;
+  alignas(32) float esc[kExpand], elo[kExpand];
+  alignas(32) int32_t ebase[kExpand];
+  int64_t ea = 0, eb = 0;
+
+  // The adjacent runs of channels [ca, cb) of one sample, from p; false (nothing done) when they
+  // do not fit the expanded arrays.
+  bool add_range(const typename Ld::in_t* __restrict__ p, int64_t ca, int64_t cb) {
+    if constexpr (!std::is_same<typename Ld::acc_t, float>::value) {
+      return false;
+    } else {
+      if ((cb - ca) * n > kExpand || n < 8) return false;
+      if (ca < ea || cb > eb) {
+        ea = ca;
+        eb = cb;
+        const int64_t S = s.cstride();
+        for (int64_t k = ca; k < cb; ++k) {
+          const int64_t o = (k - ca) * n;
+          std::fill_n(esc + o, n, s.cscale[k]);
+          std::fill_n(elo + o, n, s.clo[k]);
+          std::fill_n(ebase + o, n, static_cast<int32_t>((k % kCTile) * S + 1));
+        }
+      }
+      const cf_vf8 Nf = cf_vf8{} + static_cast<float>(s.N);
+      const cf_vf8 inf = cf_vf8{} + std::numeric_limits<float>::infinity();
+      const cf_vi8 Ni = cf_vi8{} + static_cast<int32_t>(s.N);
+      cf_vi8 top = cf_vi8{};
+      // a tile's part of the range at a time (each into its own region)
+      for (int64_t k0 = ca; k0 < cb;) {
+        const int64_t k1 = std::min(cb, (k0 / kCTile + 1) * kCTile);
+        const int64_t len = (k1 - k0) * n;  // >= 8 (n >= 8)
+        uint16_t* __restrict__ out = reserve(k0 / kCTile, len);
+        const typename Ld::in_t* __restrict__ q = p + (k0 - ca) * n;
+        const int64_t e0 = (k0 - ea) * n;
+        auto one = [&](int64_t i) {
+          cf_vf8 vs, vlo;
+          cf_vi8 vb;
+          std::memcpy(&vs, esc + e0 + i, 32);
+          std::memcpy(&vlo, elo + e0 + i, 32);
+          std::memcpy(&vb, ebase + e0 + i, 32);
+          const cf_vf8 a = cf_abs8(load8_as_float<Ld>(q + i));
+          cf_vf8 f = a * vs;
+          f = f < Nf ? f : Nf;  // (NaN: N, then -1 below): bin_indices' operations
+          cf_vi8 b = __builtin_convertvector(f, cf_vi8);
+          b = a >= vlo ? b : Ni;
+          b = a < inf ? b : cf_vi8{} - 1;
+          top = b > top ? b : top;
+          const __m256i o = reinterpret_cast<__m256i>(b + vb);  // in [0, 65535]: the pack is exact
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
+                           _mm_packus_epi32(_mm256_castsi256_si128(o), _mm256_extracti128_si256(o, 1)));
+        };
+        int64_t i = 0;
+        for (; i + 8 <= len; i += 8) one(i);
+        if (i < len) one(len - 8);  // (the overlap rewrites the same offsets)
+        k0 = k1;
+      }
+      if (_mm256_movemask_epi8(reinterpret_cast<__m256i>(top >= Ni)) != 0 && wants_channel_beyond(s))
+        for (int64_t k = ca; k < cb; ++k) keep_beyond_channels<Ld, true, true>(p + (k - ca) * n, n, 1, k, s);
+      return true;
+    }
+  }
+#else
+  bool add_range(const typename Ld::in_t*, int64_t, int64_t) { return false; }
+#endif
+
+  void scatter() {
+    if (jmax < jmin) return;
+    static_assert(std::endian::native == std::endian::little, "four offsets per 64-bit word, low one first");
+    const int64_t S = s.cstride();
+    const int64_t lines = kCTile * S * int64_t(sizeof(int32_t)) / 64;  // a tile's counters
+    for (int64_t j = jmin; j <= jmax; ++j) {
+      const int64_t cnt = fill[j];
+      if (cnt == 0) continue;
+      const uint16_t* __restrict__ ix = s.cidx + j * region;
+      int32_t* __restrict__ hb = s.csub + j * kCTile * S - 1;  // (the offsets' bias)
+      // the next tile's counters, fetched while this tile's increments run: a line every
+      // `every` increments
+      const char* next = reinterpret_cast<const char*>(s.csub + (j + 1) * kCTile * S);
+      const int64_t next_lines = j < jmax ? lines : 0;
+      const int64_t every = std::max<int64_t>(1, cnt / 4 / std::max<int64_t>(next_lines, 1));  // (in steps of 4)
+      int64_t line = 0, wait = 0;
+      int64_t i = 0;
+      for (; i + 4 <= cnt; i += 4) {
+        if (--wait <= 0 && line < next_lines) {
+          __builtin_prefetch(next + 64 * line++, 1, 3);
+          wait = every;
+        }
+        uint64_t v;
+        std::memcpy(&v, ix + i, sizeof(v));
+        hb[v & 0xffff] += 1;
+        hb[(v >> 16) & 0xffff] += 1;
+        hb[(v >> 32) & 0xffff] += 1;
+        hb[v >> 48] += 1;
+      }
+      for (; i < cnt; ++i) hb[ix[i]] += 1;
+      fill[j] = 0;
+    }
+    s.touched(jmin * kCTile, std::min(s.C, (jmax + 1) * kCTile));
+    jmin = tiles;
+    jmax = -1;
+  }
+};
+
 // Short runs (NCHW with small maps, 2 * run <= kRunBlock) taken channel by channel across a tile of
 // samples: channel c's runs in samples q0 .. q0 + T - 1 fold into the same kLanes accumulators,
 // which are reduced into the slot once per channel (or once every kChunk values a lane), instead
@@ -1298,14 +1451,21 @@ static void runs_task(const void* data, const calibfast::Layout& L, int64_t p0, 
     // The same loop with either accumulator (ShortRunsV where it applies).
     auto short_runs = [&](auto& acc) {
       acc.reset();
-      // The global histogram's bin indices of several runs are gathered (up to kRunBlock) and
-      // scattered at once (not with per-channel histograms, which use the same scratch per run).
-      bool table = false;
-      if constexpr (Ld::kTable) table = s.table;
-      const bool gather = s.B && !s.N && !table;
-      int64_t fill = 0;
+      // Histograms by ranges (the global one, and per-channel ones in two steps, RunTiles): the
+      // pairs of up to kHistChannels channels of a tile, once their statistics are folded (the
+      // values still in L1), sample by sample: a sample's runs of consecutive channels lie one
+      // after another (channel stride = run), and the global histogram bins them as one row. Run
+      // by run (session 10), binning cost ~4x the statistics for 3 x 3 maps: per-run overheads.
+      // Otherwise (per-channel histograms with two copies of the counters or over kTiledMaxN
+      // bins) run by run.
+      constexpr int64_t kHistChannels = 32;
+      RunTiles<Ld> tiles(s, n);
+      const bool by_range = (s.B || s.N) && (!s.N || (s.cidx != nullptr && tiles.usable()));
+      if (by_range && s.N) tiles.start();
+      const bool adjacent = L.channel_stride == n;
       int64_t off[kRunTile];
       int64_t c = 0, j = 0, T = 0;
+      int64_t h_lo = 0;  // the tile's pairs [h_lo, ...) are not binned yet
       bool at_tile = true;  // pair pi starts a task or a tile: locate it
       auto locate = [&](int64_t pi) {  // its tile, channel and sample (divisions once per tile)
         const int64_t q0 = pi / (kRunTile * C) * kRunTile;
@@ -1314,6 +1474,27 @@ static void runs_task(const void* data, const calibfast::Layout& L, int64_t p0, 
         const int64_t r = pi - q0 * C;
         c = r / T;
         j = r - c * T;
+        h_lo = r;
+      };
+      // Bins the tile's pairs [h_lo, h_hi) (pair u = c * T + t: channel c of sample t).
+      auto bin_range = [&](int64_t h_hi) {
+        for (int64_t t = 0; t < T; ++t) {
+          const int64_t ca = (h_lo - t + T - 1) / T, cb = (h_hi - t + T - 1) / T;  // c * T + t in range
+          if (ca >= cb) continue;
+          const typename Ld::in_t* p = base + off[t] + ca * L.channel_stride;
+          if (s.B) {
+            if (adjacent) {
+              hist_row<Ld, true>(p, (cb - ca) * n, 1, s);
+            } else {
+              for (int64_t k = ca; k < cb; ++k) hist_row<Ld, true>(p + (k - ca) * L.channel_stride, n, 1, s);
+            }
+          } else {
+            s.note_binned((cb - ca) * n);
+          }
+          if (s.N && !(adjacent && tiles.add_range(p, ca, cb)))
+            for (int64_t k = ca; k < cb; ++k) tiles.add(p + (k - ca) * L.channel_stride, k);
+        }
+        h_lo = h_hi;
       };
       for (int64_t pi = p0; pi < p1; ++pi) {
         if (at_tile) {
@@ -1322,24 +1503,16 @@ static void runs_task(const void* data, const calibfast::Layout& L, int64_t p0, 
         }
         const typename Ld::in_t* p = base + off[j] + c * L.channel_stride;
         if (stats) acc.add(p, n, c, s);
-        if (gather) {
-          if (fill + n > kRunBlock) {
-            scatter_global(s.idx, fill, s.hstride, s.hsub);
-            fill = 0;
-          }
-          const int32_t left_out = bin_indices<Ld, true>(p, n, 1, s.hscale, s.hlo, s.B, s.idx + fill);
-          fill += n;
-          if (left_out && wants_beyond(s)) keep_beyond<Ld, true>(p, n, 1, s);
-          s.note_binned(n);
-        } else if (s.B || s.N) {
-          hist_run<Ld>(p, n, c, s);
-        }
+        if (!by_range && (s.B || s.N)) hist_run<Ld>(p, n, c, s);
         if (++j == T) {
           j = 0;
-          at_tile = ++c == C;
+          ++c;
+          if (by_range && (c % kHistChannels == 0 || c == C)) bin_range(c * T);
+          at_tile = c == C;
         }
       }
-      if (fill) scatter_global(s.idx, fill, s.hstride, s.hsub);
+      if (by_range && !at_tile) bin_range(c * T + j);
+      tiles.scatter();
       if (stats) acc.flush(n, s);
       s.flush();
     };
