@@ -71,6 +71,7 @@ static inline int64_t tile_row_width(int64_t n) {
 // twice the counters than they gained (4 x 2048 x 7 x 7: 1.22 -> 1.52 ms).
 constexpr int64_t kTwoCopiesMinRun = 128;
 constexpr int64_t kWideBlock = 4096;  // channels folded at a time when a row has over 2x this many
+constexpr int64_t kDeferChannelCounters = int64_t(1) << 18;  // C x N from which they merge after the pass
 constexpr int64_t kParallelMergeC = 16384;  // channels from which the slots are merged in parallel
 // 16-bit inputs (bfloat16, float16) with enough values: the global histogram first counts the
 // 2^15 bit patterns of |x| (bits & 0x7fff: no float math per value, one increment), and the
@@ -145,6 +146,40 @@ struct LoadF16 {
 };
 
 // ---- per-thread accumulators -----------------------------------------------------------------
+// The per-channel counters of one thread (h_all: its csub; p: its pending) of the touched channels
+// [p[1], p[2]) within [c_lo, c_hi) added into out_all ([C][N]) and cleared. Only the blocks of 8
+// counters that are not all zero: an update with few values a channel (NCHW 7 x 7 maps, 256 bins)
+// spent most of its time adding and clearing C x N counters, twice on two threads. Called for
+// the whole range by one thread (under the lock), or for disjoint ranges by several at once
+// (Slots::merge_channels); the pad before channel lo (where its -1 indices land) is cleared only
+// by the range that starts at the first touched channel, so no two ranges write it.
+static void flush_channel_counters(int64_t N, int64_t ccopies, int64_t* out_all, int32_t* h_all, const int64_t* p,
+                                   int64_t c_lo, int64_t c_hi) {
+  const int64_t stride = N + kHistPad, block = ccopies * stride;
+  const int64_t lo = std::max(p[1], c_lo), hi = std::min(p[2], c_hi);
+  for (int64_t c = lo; c < hi; ++c) {
+    int32_t* h = h_all + c * block;
+    int64_t* out = out_all + c * N;
+    for (int64_t k = 0; k < ccopies; ++k) {
+      int32_t* hk = h + k * stride;
+      int64_t i = 0;
+      for (; i + 8 <= N; i += 8) {
+        int32_t any = 0;
+        for (int j = 0; j < 8; ++j) any |= hk[i + j];
+        if (any == 0) continue;
+        for (int j = 0; j < 8; ++j) out[i + j] += hk[i + j];
+        std::fill(hk + i, hk + i + 8, 0);
+      }
+      for (; i < N; ++i) {
+        out[i] += hk[i];
+        hk[i] = 0;
+      }
+      std::fill(hk + N, hk + stride, 0);  // its pad (what was not binned)
+    }
+  }
+  if (lo < hi && lo == p[1]) std::fill(h_all + lo * block - kHistPad, h_all + lo * block, 0);
+}
+
 template <typename acc_t>
 struct Slot {
   // One slot per worker thread, C entries each; merged into the op's state at the end.
@@ -176,6 +211,7 @@ struct Slot {
   // kTwoCopiesMinRun values, where a run's values (one channel, few bins) alternate between them
   // as the global histogram's do; 1 otherwise.
   int64_t ccopies = 1;
+  bool defer_channels = false;    // per-channel counters merged after the pass (Slots::merge_channels)
   int32_t* idx = nullptr;         // scratch: max(C, kRunBlock, kChunk * kTileC) bin indices
   uint16_t* cidx = nullptr;       // rows with N <= kTiledMaxN: cidx_len per-channel tile offsets
   int64_t cidx_len = 0;
@@ -192,7 +228,8 @@ struct Slot {
   int64_t* covf_n = nullptr;
   int64_t covf_cap = 0;
   // [0]: values binned since the last flush; [1], [2]: the per-channel counters of channels
-  // [pending[1], pending[2]) may be non-zero (flush() reads and clears only those)
+  // [pending[1], pending[2]) may be non-zero (flush() reads and clears only those); [3]: values
+  // binned since the per-channel counters were last flushed
   int64_t* pending = nullptr;
   int64_t* hist_out = nullptr;    // the op's state: [B]
   int64_t* chist_out = nullptr;   // the op's state: [C][N]
@@ -207,13 +244,27 @@ struct Slot {
     pending[2] = std::max(pending[2], c1);
   }
   void note_binned(int64_t n) const {
-    *pending += n;
-    if (*pending > (int64_t(1) << 30)) flush();
+    pending[0] += n;
+    pending[3] += n;
+    if (pending[0] > (int64_t(1) << 30)) flush();
+    if (N && pending[3] > (int64_t(1) << 30)) {  // (deferred or not: an int32 counter could overflow)
+      std::lock_guard<std::mutex> lock(*mu);
+      flush_channels();
+    }
   }
+  void flush_channels() const {
+    flush_channel_counters(N, ccopies, chist_out, csub, pending, 0, C);
+    pending[1] = C;
+    pending[2] = 0;
+    pending[3] = 0;
+  }
+  // The end of a task (and before an int32 counter could overflow): this thread's counters into
+  // the op's state, under the lock. With defer_channels the per-channel counters stay for
+  // Slots::merge_channels, which adds all threads' after the pass, split by channel.
   void flush() const {
-    if (!(B || N) || *pending == 0) return;
-    std::lock_guard<std::mutex> lock(*mu);
-    if (B) {
+    if (!(B || N)) return;
+    if (B && pending[0] > 0) {
+      std::lock_guard<std::mutex> lock(*mu);
       const int64_t H = table ? kTab : B;
       int64_t* out = table ? raw_out : hist_out;
       for (int64_t i = 0; i < H; ++i) {
@@ -223,36 +274,11 @@ struct Slot {
       }
       std::fill(hsub - kHistPad, hsub + kSubHists * hstride, 0);  // the pads too (they count)
     }
-    if (N && pending[1] < pending[2]) {
-      // Only the channels touched, and of those only the blocks of 8 counters that are not all
-      // zero: an update with few values a channel (NCHW 7 x 7 maps, 256 bins) spent most of its
-      // time adding and clearing C x N counters, twice on two threads.
-      const int64_t lo = pending[1], hi = pending[2];
-      for (int64_t c = lo; c < hi; ++c) {
-        int32_t* h = csub + c * cblock();
-        int64_t* out = chist_out + c * N;
-        for (int64_t k = 0; k < ccopies; ++k) {
-          int32_t* hk = h + k * cstride();
-          int64_t i = 0;
-          for (; i + 8 <= N; i += 8) {
-            int32_t any = 0;
-            for (int j = 0; j < 8; ++j) any |= hk[i + j];
-            if (any == 0) continue;
-            for (int j = 0; j < 8; ++j) out[i + j] += hk[i + j];
-            std::fill(hk + i, hk + i + 8, 0);
-          }
-          for (; i < N; ++i) {
-            out[i] += hk[i];
-            hk[i] = 0;
-          }
-          std::fill(hk + N, hk + cstride(), 0);  // its pad (what was not binned)
-        }
-      }
-      std::fill(csub + lo * cblock() - kHistPad, csub + lo * cblock(), 0);  // the pad before channel lo
-      pending[1] = C;
-      pending[2] = 0;
+    pending[0] = 0;
+    if (N && !defer_channels && pending[1] < pending[2]) {
+      std::lock_guard<std::mutex> lock(*mu);
+      flush_channels();
     }
-    *pending = 0;
   }
 };
 
@@ -441,6 +467,7 @@ struct Slots {
   int64_t B = 0, N = 0, idx_len = 0;
   int64_t HB = 0;  // counters per copy of the global histogram: B + kHistPad, or kTab in table mode
   int64_t ccopies = 1;             // copies of each channel's counters (Slot::ccopies)
+  bool defer_channels = false;     // per-channel counters merged by merge_channels (Slot::defer_channels)
   int64_t hblock = 0, cblock = 0;  // counters per thread: pad + kSubHists copies; pad + C channels
   int64_t* hist_out;
   int64_t* chist_out;
@@ -536,6 +563,7 @@ struct Slots {
         s.cidx_len = cidx_len;
       }
       s.pending = pending.data() + kLine * t;
+      s.defer_channels = defer_channels;
       s.hist_out = hist_out;
       s.chist_out = chist_out;
       s.mu = &mu;
@@ -544,6 +572,28 @@ struct Slots {
   }
 
   acc_t* scratch_for(int t) { return scratch + 6 * C * t; }
+
+  // With defer_channels, after the pass: every thread's per-channel counters added into the op's
+  // state, the channels split over the threads (no lock: the ranges are disjoint), instead of each
+  // thread adding all of its own under the lock at the end of its task (the threads' flushes ran
+  // one after another, each a read of C x N counters and a read-modify-write of the state).
+  void merge_channels(bool parallel) {
+    if (!N || !defer_channels) return;
+    auto fold = [&](int64_t c0, int64_t c1) {
+      for (int t = 0; t < n; ++t)
+        flush_channel_counters(N, ccopies, chist_out, csub + cblock * t + kHistPad, pending.data() + kLine * t, c0, c1);
+    };
+    if (parallel) {
+      at::parallel_for(0, C, std::max<int64_t>(16, (int64_t(1) << 16) / N), fold);
+    } else {
+      fold(0, C);
+    }
+    for (int t = 0; t < n; ++t) {
+      pending[kLine * t + 1] = C;
+      pending[kLine * t + 2] = 0;
+      pending[kLine * t + 3] = 0;
+    }
+  }
 
   // Folds every initialised slot into the op's state; wide states split over the threads by
   // channel (parallel: not when the call runs on one thread anyway).
@@ -584,6 +634,8 @@ static void run_pass(const at::Tensor& x, const Layout& L, bool stats, const Slo
   auto slot_index = [serial]() { return serial ? 0 : at::get_thread_num(); };
   const void* data = x.const_data_ptr();
   Slots<acc_t> slots(L, nthreads, stats, hargs.B, hargs.table, hargs.N, hist, chist);
+  // Many per-channel counters and several threads: merged after the pass, split by channel.
+  slots.defer_channels = nthreads > 1 && hargs.N * C >= kDeferChannelCounters;
 
 #if CALIBFAST_X86_VARIANTS
 #define CALIBFAST_ISA_CALL(fn, ...)                          \
@@ -634,6 +686,7 @@ static void run_pass(const at::Tensor& x, const Layout& L, bool stats, const Slo
   }
 #undef CALIBFAST_ISA_CALL
   if (stats) slots.merge_stats(fst, dst, ist, !serial && nthreads > 1);
+  slots.merge_channels(!serial && nthreads > 1);
   if (hargs.B || hargs.N) counter_cache().dirty = false;  // every task flushed: all zero again
 }
 
