@@ -71,6 +71,7 @@ static inline int64_t tile_row_width(int64_t n) {
 // twice the counters than they gained (4 x 2048 x 7 x 7: 1.22 -> 1.52 ms).
 constexpr int64_t kTwoCopiesMinRun = 128;
 constexpr int64_t kWideBlock = 4096;  // channels folded at a time when a row has over 2x this many
+constexpr int64_t kChannelSplitC = 1024;  // channels from which per-channel histograms split them over threads
 constexpr int64_t kDeferChannelCounters = int64_t(1) << 18;  // C x N from which they merge after the pass
 constexpr int64_t kParallelMergeC = 16384;  // channels from which the slots are merged in parallel
 // 16-bit inputs (bfloat16, float16) with enough values: the global histogram first counts the
@@ -675,7 +676,12 @@ static void run_pass(const at::Tensor& x, const Layout& L, bool stats, const Slo
       acc_t* scratch = stats ? slots.scratch_for(t) : nullptr;  // nullptr: histograms only
       CALIBFAST_ISA_CALL(rows_task, data, L, r0, r1, c0, n, s, scratch)
     };
-    if (rows >= 8 * nthreads || C < 64) {
+    // Per-channel histograms of many channels and few rows (at most 2 N a thread): split the
+    // channels, so that each thread has the counters of its own channels only. Split by rows, every
+    // thread kept C x N counters, whose flush read them all whatever the rows: with 256 rows of
+    // 65536 channels that read was the larger part of the call.
+    const bool chist_by_channels = hargs.N && nthreads > 1 && C >= kChannelSplitC && rows <= 2 * hargs.N * nthreads;
+    if ((rows >= 8 * nthreads || C < 64) && !chist_by_channels) {
       // Split the rows; every task covers all channels.
       parallel(rows, std::max<int64_t>(1, kTaskValues / C), [&](int64_t b, int64_t e) { task(b, e, 0, C); });
     } else {
