@@ -385,11 +385,11 @@ def test_per_channel_histograms_in_tiles_match_reference_and_oracle(device, dtyp
 
 # Per-channel histograms of short NCHW runs (maps under 128 values, one copy of the counters) are
 # binned in two steps on the CPU too (RunTiles): offsets into a buffer region per tile of 16
-# channels, scattered a tile at a time; the vector variants bin the adjacent runs of a sample 8
-# values at a time across run boundaries, the baseline variant run by run. These shapes refill
+# channels, scattered a tile at a time; the adjacent runs of a sample are binned as one row, with
+# per-value ranges (non-adjacent runs, and ranges over 2048 values, run by run). These shapes refill
 # the regions within an update (48 x 512 x 7 x 7: 20 samples a region, 24 a thread), end on a
 # partial tile (C = 1000, 37), cut tiles between the two threads' tasks, take maps under 8 values
-# (2 x 2: run by run), runs that are not adjacent (every second channel) and runs too long for the
+# (2 x 2), runs that are not adjacent (every second channel) and runs too long for the
 # expanded arrays (10 x 10). The second update grows every range (values beyond it kept, then
 # binned), and bins = 0 leaves the per-channel histograms alone.
 SHORT_RUN_LAYOUTS = [

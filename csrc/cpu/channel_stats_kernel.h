@@ -536,24 +536,23 @@ struct ChannelTiles {
   }
 };
 
-// Bins a contiguous run of n values into the global histogram.
-template <class Ld>
-static inline void hist_run_global(const typename Ld::in_t* p, int64_t n, const Slot<typename Ld::acc_t>& s) {
-  if constexpr (Ld::kTable) {
-    if (s.table) {
-      count_patterns<true>(p, n, 1, s.hsub);
-      return;
-    }
-  }
-  const int32_t left_out = bin_indices<Ld, true>(p, n, 1, s.hscale, s.hlo, s.B, s.idx);
-  scatter_global(s.idx, n, s.hstride, s.hsub);
-  if (left_out && wants_beyond(s)) keep_beyond<Ld, true>(p, n, 1, s);
-}
-
-// Bins a contiguous run of n values of channel k (global and per-channel histograms).
+// Bins a contiguous run of n values of channel k.
 template <class Ld>
 static inline void hist_run(const typename Ld::in_t* p, int64_t n, int64_t k, const Slot<typename Ld::acc_t>& s) {
-  if (s.B) hist_run_global<Ld>(p, n, s);
+  if (s.B) {
+    bool done = false;
+    if constexpr (Ld::kTable) {
+      if (s.table) {
+        count_patterns<true>(p, n, 1, s.hsub);
+        done = true;
+      }
+    }
+    if (!done) {
+      const int32_t left_out = bin_indices<Ld, true>(p, n, 1, s.hscale, s.hlo, s.B, s.idx);
+      scatter_global(s.idx, n, s.hstride, s.hsub);
+      if (left_out && wants_beyond(s)) keep_beyond<Ld, true>(p, n, 1, s);
+    }
+  }
   if (s.N) {
     const int32_t left_out = bin_indices<Ld, true>(p, n, 1, s.cscale[k], s.clo[k], s.N, s.idx);
     if (left_out && wants_channel_beyond(s)) keep_beyond_channels<Ld, true, true>(p, n, 1, k, s);
@@ -994,74 +993,45 @@ struct RunTiles {
     if (left_out && wants_channel_beyond(s)) keep_beyond_channels<Ld, true, true>(p, n, 1, c, s);
   }
 
-#if CALIBFAST_VECTOR_VARIANT && CALIBFAST_F16C
   // Expanded per-value scale, lower bound and offset base of channels [ea, eb) (runs of n values,
-  // (eb - ea) * n <= kExpand): adjacent runs are then binned 8 values at a time across run
+  // (eb - ea) * n <= kExpand): adjacent runs are then binned by channel_bin_indices across run
   // boundaries, not run by run (two vectors for a 9-value run, and the per-run set-up).
   static constexpr int64_t kExpand = 2048;
-  alignas(32) float esc[kExpand], elo[kExpand];
-  alignas(32) int32_t ebase[kExpand];
+  using acc_t = typename Ld::acc_t;
+  acc_t esc[kExpand], elo[kExpand];
+  int32_t ebase[kExpand];
   int64_t ea = 0, eb = 0;
 
   // The adjacent runs of channels [ca, cb) of one sample, from p; false (nothing done) when they
   // do not fit the expanded arrays.
   bool add_range(const typename Ld::in_t* __restrict__ p, int64_t ca, int64_t cb) {
-    if constexpr (!std::is_same<typename Ld::acc_t, float>::value) {
-      return false;
-    } else {
-      if ((cb - ca) * n > kExpand || n < 8) return false;
-      if (ca < ea || cb > eb) {
-        ea = ca;
-        eb = cb;
-        const int64_t S = s.cstride();
-        for (int64_t k = ca; k < cb; ++k) {
-          const int64_t o = (k - ca) * n;
-          std::fill_n(esc + o, n, s.cscale[k]);
-          std::fill_n(elo + o, n, s.clo[k]);
-          std::fill_n(ebase + o, n, static_cast<int32_t>((k % kCTile) * S + 1));
-        }
+    if ((cb - ca) * n > kExpand) return false;
+    if (ca < ea || cb > eb) {
+      ea = ca;
+      eb = cb;
+      const int64_t S = s.cstride();
+      for (int64_t k = ca; k < cb; ++k) {
+        const int64_t o = (k - ca) * n;
+        std::fill_n(esc + o, n, s.cscale[k]);
+        std::fill_n(elo + o, n, s.clo[k]);
+        std::fill_n(ebase + o, n, static_cast<int32_t>((k % kCTile) * S + 1));
       }
-      const cf_vf8 Nf = cf_vf8{} + static_cast<float>(s.N);
-      const cf_vf8 inf = cf_vf8{} + std::numeric_limits<float>::infinity();
-      const cf_vi8 Ni = cf_vi8{} + static_cast<int32_t>(s.N);
-      cf_vi8 top = cf_vi8{};
-      // a tile's part of the range at a time (each into its own region)
-      for (int64_t k0 = ca; k0 < cb;) {
-        const int64_t k1 = std::min(cb, (k0 / kCTile + 1) * kCTile);
-        const int64_t len = (k1 - k0) * n;  // >= 8 (n >= 8)
-        uint16_t* __restrict__ out = reserve(k0 / kCTile, len);
-        const typename Ld::in_t* __restrict__ q = p + (k0 - ca) * n;
-        const int64_t e0 = (k0 - ea) * n;
-        auto one = [&](int64_t i) {
-          cf_vf8 vs, vlo;
-          cf_vi8 vb;
-          std::memcpy(&vs, esc + e0 + i, 32);
-          std::memcpy(&vlo, elo + e0 + i, 32);
-          std::memcpy(&vb, ebase + e0 + i, 32);
-          const cf_vf8 a = cf_abs8(load8_as_float<Ld>(q + i));
-          cf_vf8 f = a * vs;
-          f = f < Nf ? f : Nf;  // (NaN: N, then -1 below): bin_indices' operations
-          cf_vi8 b = __builtin_convertvector(f, cf_vi8);
-          b = a >= vlo ? b : Ni;
-          b = a < inf ? b : cf_vi8{} - 1;
-          top = b > top ? b : top;
-          const __m256i o = reinterpret_cast<__m256i>(b + vb);  // in [0, 65535]: the pack is exact
-          _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
-                           _mm_packus_epi32(_mm256_castsi256_si128(o), _mm256_extracti128_si256(o, 1)));
-        };
-        int64_t i = 0;
-        for (; i + 8 <= len; i += 8) one(i);
-        if (i < len) one(len - 8);  // (the overlap rewrites the same offsets)
-        k0 = k1;
-      }
-      if (_mm256_movemask_epi8(reinterpret_cast<__m256i>(top >= Ni)) != 0 && wants_channel_beyond(s))
-        for (int64_t k = ca; k < cb; ++k) keep_beyond_channels<Ld, true, true>(p + (k - ca) * n, n, 1, k, s);
-      return true;
     }
+    int32_t left_out = 0;
+    for (int64_t k0 = ca; k0 < cb;) {  // a tile's part of the range at a time (its own region)
+      const int64_t k1 = std::min(cb, (k0 / kCTile + 1) * kCTile);
+      const int64_t len = (k1 - k0) * n, e0 = (k0 - ea) * n;
+      uint16_t* __restrict__ out = reserve(k0 / kCTile, len);
+      left_out |= channel_bin_indices<Ld, true>(p + (k0 - ca) * n, len, 1, esc + e0, elo + e0, s.N, s.idx);
+      const int32_t* __restrict__ ix = s.idx;
+      const int32_t* __restrict__ eb0 = ebase + e0;
+      for (int64_t i = 0; i < len; ++i) out[i] = static_cast<uint16_t>(ix[i] + eb0[i]);
+      k0 = k1;
+    }
+    if (left_out && wants_channel_beyond(s))
+      for (int64_t k = ca; k < cb; ++k) keep_beyond_channels<Ld, true, true>(p + (k - ca) * n, n, 1, k, s);
+    return true;
   }
-#else
-  bool add_range(const typename Ld::in_t*, int64_t, int64_t) { return false; }
-#endif
 
   void scatter() {
     if (jmax < jmin) return;
@@ -1454,8 +1424,9 @@ static void runs_task(const void* data, const calibfast::Layout& L, int64_t p0, 
       // Histograms by ranges (the global one, and per-channel ones in two steps, RunTiles): the
       // pairs of up to kHistChannels channels of a tile, once their statistics are folded (the
       // values still in L1), sample by sample: a sample's runs of consecutive channels lie one
-      // after another (channel stride = run), and the global histogram bins them as one row. Run
-      // by run (session 10), binning cost ~4x the statistics for 3 x 3 maps: per-run overheads.
+      // after another (channel stride = run), and both histograms bin them as one row (the
+      // per-channel one with expanded per-value ranges, RunTiles::add_range). Run by run
+      // (session 10), binning cost ~4x the statistics for 3 x 3 maps: per-run overheads.
       // Otherwise (per-channel histograms with two copies of the counters or over kTiledMaxN
       // bins) run by run.
       constexpr int64_t kHistChannels = 32;
