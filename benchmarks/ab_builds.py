@@ -21,6 +21,9 @@ Cases (times in µs unless marked):
              values fall in the lowest bins, as in MiniLM's activations), MiniLM's shapes and
              8192 x 4096 (ms)
   chist      the same with 256-bin per-channel histograms (rows, NCHW runs)
+  fewrows    per-channel histograms of many channels and few rows (session 13, v54: each tile's
+             counters added into the state from L1): 256 x 65536 (also bfloat16), 600 x 2061 and 4096 x 4096 with
+             2048 + 256 bins, 300 x 1029 with 2048 + 2048 bins (ms)
   bf16       16-bit rows (session 8, v42: bfloat16 16 channels a step as pairs; v44: float16 widened by
              F16C): 8192 x 4096, 2048 x 16384, 1728 x 384 and an odd width in bfloat16, 8192 x 4096,
              1728 x 384 and NCHW 4 x 2048 x 7 x 7 in float16, stats alone and with 2048 bins, and
@@ -60,7 +63,7 @@ def stats_case(shapes, bins_list, n_for, scale_ms=False):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("case", choices=["redo", "short", "group", "small", "observers", "hist", "chist", "bf16"])
+    ap.add_argument("case", choices=["redo", "short", "group", "small", "observers", "hist", "chist", "bf16", "fewrows"])
     ap.add_argument("build_dir")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
@@ -98,6 +101,11 @@ def main():
         out = stats_case([((1728, 384), -1, randn, "randn"), ((1728, 384), -1, crowded, "crowded"),
                           ((4, 256, 28, 28), 1, randn, "randn")], (0, (2048, 256)), lambda x: 30)
         out += stats_case([((8192, 4096), -1, randn, "randn")], (0, (2048, 256)), lambda x: 3, scale_ms=True)
+    elif a.case == "fewrows":
+        out = stats_case([((256, 65536), -1, randn, "randn"), ((256, 65536), -1, lambda s: randn(s).bfloat16(), "bf16"),
+                          ((600, 2061), -1, randn, "randn"),
+                          ((4096, 4096), -1, randn, "randn")], ((2048, 256),), lambda x: 5, scale_ms=True)
+        out += stats_case([((300, 1029), -1, randn, "randn")], ((2048, 2048),), lambda x: 20, scale_ms=True)
     elif a.case == "bf16":
         bf = lambda s: randn(s).bfloat16()  # noqa: E731
         out = stats_case([((8192, 4096), -1, bf), ((2048, 16384), -1, bf), ((1728, 384), -1, bf),

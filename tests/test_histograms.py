@@ -416,6 +416,33 @@ def test_per_channel_histograms_of_short_runs_match_reference_and_oracle(monkeyp
     _check_against_reference_and_oracle("cpu", dtype, shape, 1, how, bins, channel_bins)
 
 
+# A task that is alone in binning its channels (one thread, or two threads that split the channels
+# because the rows are few) and scatters its buffered rows once adds each tile's counters into the
+# state right after scattering it, from L1, and reuses the first tile's counters for the next
+# (ChannelTiles::scatter, Slot::own_channels). These shapes take that path on 1 and 2 threads with
+# a partial last tile (16390 = 1024 x 16 + 6; 1029; 2061), wide rows cut into blocks of channels
+# (16390), a buffer that holds all the rows of a block (200 rows, 256 bins), and one that does not
+# (600 x 2061: 600 rows, more than the 256 bins, scattered in several batches: the flush path).
+FEW_ROW_LAYOUTS = [
+    ((200, 16390), -1, 256),
+    ((300, 1029), -1, 2048),
+    ((600, 2061), -1, 256),
+    ((12, 30, 1100), -1, 512),  # rows of a 3-d view
+]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,axis,channel_bins", FEW_ROW_LAYOUTS, ids=lambda v: str(v))
+def test_per_channel_tiles_added_from_l1_match_reference_and_oracle(threads, dtype, shape, axis, channel_bins):
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check_against_reference_and_oracle("cpu", dtype, shape, axis, None, 64, channel_bins)
+    finally:
+        torch.set_num_threads(old)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape,axis,how", [((200, 517), -1, None), ((64, 40, 33), -1, "transpose01")],

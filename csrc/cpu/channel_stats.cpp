@@ -55,6 +55,7 @@ constexpr int64_t kTileC = 128; // channels per tile of the per-channel histogra
 // buffered: up to kCIdxLen indices per thread (1 MB), fewer when the input has fewer values.
 constexpr int64_t kCTile = 16;
 constexpr int64_t kCIdxLen = int64_t(1) << 19;
+constexpr int64_t kCIdxLenOwn = int64_t(1) << 22;  // ... with few rows a channel (Slots: own_channels)
 constexpr int64_t kTiledMaxN = 65535 / kCTile - kHistPad;  // offsets (j * (N + kHistPad) + bin + 1) fit uint16
 // Entries per buffered row for n channels: whole tiles, and an odd number of 64-byte lines, so
 // that a tile's rows (read 32 bytes a row) fall in different L1 sets. At 4096 channels (8 KB a
@@ -213,6 +214,10 @@ struct Slot {
   // as the global histogram's do; 1 otherwise.
   int64_t ccopies = 1;
   bool defer_channels = false;    // per-channel counters merged after the pass (Slots::merge_channels)
+  // This task is the only one of the call that bins its channels (the call's tasks split the
+  // channels, or there is one task): ChannelTiles may add a tile's counters into the op's state
+  // as soon as it has scattered them, without the lock (see ChannelTiles::scatter).
+  bool own_channels = false;
   int32_t* idx = nullptr;         // scratch: max(C, kRunBlock, kChunk * kTileC) bin indices
   uint16_t* cidx = nullptr;       // rows with N <= kTiledMaxN: cidx_len per-channel tile offsets
   int64_t cidx_len = 0;
@@ -469,12 +474,14 @@ struct Slots {
   int64_t HB = 0;  // counters per copy of the global histogram: B + kHistPad, or kTab in table mode
   int64_t ccopies = 1;             // copies of each channel's counters (Slot::ccopies)
   bool defer_channels = false;     // per-channel counters merged by merge_channels (Slot::defer_channels)
+  bool own_channels;               // Slot::own_channels
   int64_t hblock = 0, cblock = 0;  // counters per thread: pad + kSubHists copies; pad + C channels
   int64_t* hist_out;
   int64_t* chist_out;
 
-  Slots(const Layout& L, int n_, bool stats, int64_t B_, bool table, int64_t N_, int64_t* hist, int64_t* chist)
-      : C(L.channels), group(L.group), Cs(L.channels / L.group), n(n_), B(B_), N(N_),
+  Slots(const Layout& L, int n_, bool stats, int64_t B_, bool table, int64_t N_, int64_t* hist, int64_t* chist,
+        bool own_channels_)
+      : C(L.channels), group(L.group), Cs(L.channels / L.group), n(n_), B(B_), N(N_), own_channels(own_channels_),
         HB(table ? kTab : B_ + kHistPad),
         ccopies(L.mode == Mode::kRuns && L.run >= kTwoCopiesMinRun ? 2 : 1),
         hblock(B_ ? kHistPad + kSubHists * HB : 0), cblock(N_ ? kHistPad + C * ccopies * (N_ + kHistPad) : 0),
@@ -498,6 +505,12 @@ struct Slots {
         // every row of the input at once when that takes less than kCIdxLen; at least 8 rows
         const int64_t width = (C + kCTile - 1) / kCTile * kCTile + 32;  // >= tile_row_width(n <= C)
         cidx_len = width * std::max<int64_t>(8, std::min(L.rows, kCIdxLen / width));
+        if (own_channels && L.rows <= N) {
+          // few rows a channel: room for all the rows of a block of channels (rows_task), so that
+          // each tile's counters go into the state from L1 (ChannelTiles::scatter)
+          const int64_t block = tile_row_width(std::min(C, 2 * kWideBlock));
+          cidx_len = std::max(cidx_len, std::min(kCIdxLenOwn, block * L.rows));
+        }
         cidx = at_least(buf.cidx, cidx_len * n);
       } else if (!rows && N > 0 && N <= kTiledMaxN && ccopies == 1 && 2 * L.run <= kRunBlock) {
         // short runs (RunTiles): every value of the input (a region per tile of kCTile channels,
@@ -565,6 +578,7 @@ struct Slots {
       }
       s.pending = pending.data() + kLine * t;
       s.defer_channels = defer_channels;
+      s.own_channels = own_channels;
       s.hist_out = hist_out;
       s.chist_out = chist_out;
       s.mu = &mu;
@@ -634,7 +648,13 @@ static void run_pass(const at::Tensor& x, const Layout& L, bool stats, const Slo
   const int nthreads = serial ? 1 : std::max(1, at::get_num_threads());
   auto slot_index = [serial]() { return serial ? 0 : at::get_thread_num(); };
   const void* data = x.const_data_ptr();
-  Slots<acc_t> slots(L, nthreads, stats, hargs.B, hargs.table, hargs.N, hist, chist);
+  // Per-channel histograms of many channels and few rows (at most 2 N a thread): split the
+  // channels, so that each thread has the counters of its own channels only. Split by rows, every
+  // thread kept C x N counters, whose flush read them all whatever the rows: with 256 rows of
+  // 65536 channels that read was the larger part of the call.
+  const bool chist_by_channels = L.mode != Mode::kRuns && hargs.N && nthreads > 1 && C >= kChannelSplitC &&
+                                 rows <= 2 * hargs.N * nthreads;
+  Slots<acc_t> slots(L, nthreads, stats, hargs.B, hargs.table, hargs.N, hist, chist, nthreads == 1 || chist_by_channels);
   // Many per-channel counters and several threads: merged after the pass, split by channel.
   slots.defer_channels = nthreads > 1 && hargs.N * C >= kDeferChannelCounters;
 
@@ -655,7 +675,7 @@ static void run_pass(const at::Tensor& x, const Layout& L, bool stats, const Slo
 #endif
 
   auto parallel = [&](int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& f) {
-    if (serial) {
+    if (serial || nthreads == 1) {  // (one task: Slot::own_channels relies on it)
       f(0, n);
     } else {
       at::parallel_for(0, n, grain, f);
@@ -676,11 +696,6 @@ static void run_pass(const at::Tensor& x, const Layout& L, bool stats, const Slo
       acc_t* scratch = stats ? slots.scratch_for(t) : nullptr;  // nullptr: histograms only
       CALIBFAST_ISA_CALL(rows_task, data, L, r0, r1, c0, n, s, scratch)
     };
-    // Per-channel histograms of many channels and few rows (at most 2 N a thread): split the
-    // channels, so that each thread has the counters of its own channels only. Split by rows, every
-    // thread kept C x N counters, whose flush read them all whatever the rows: with 256 rows of
-    // 65536 channels that read was the larger part of the call.
-    const bool chist_by_channels = hargs.N && nthreads > 1 && C >= kChannelSplitC && rows <= 2 * hargs.N * nthreads;
     if ((rows >= 8 * nthreads || C < 64) && !chist_by_channels) {
       // Split the rows; every task covers all channels.
       parallel(rows, std::max<int64_t>(1, kTaskValues / C), [&](int64_t b, int64_t e) { task(b, e, 0, C); });

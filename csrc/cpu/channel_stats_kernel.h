@@ -455,6 +455,17 @@ static inline void tile_offsets(const int32_t* __restrict__ idx, int64_t n, int3
   for (; c0 < n; ++c0) out[c0] = static_cast<uint16_t>(idx[c0] + (c0 % kCTile) * S + 1);
 }
 
+// Adds m channels' counters (stride S, N bins each, from h) into their int64 histograms (out,
+// N apart) and clears them and their pads (kHistPad before h and after each channel).
+static inline void drain_tile(int32_t* __restrict__ h, int64_t m, int64_t S, int64_t N, int64_t* __restrict__ out) {
+  for (int64_t j = 0; j < m; ++j) {
+    const int32_t* __restrict__ hj = h + j * S;
+    int64_t* __restrict__ o = out + j * N;
+    for (int64_t i = 0; i < N; ++i) o[i] += hj[i];
+  }
+  std::memset(h - kHistPad, 0, sizeof(int32_t) * (kHistPad + m * S));
+}
+
 // Per-channel histograms of rows x channels [c0, c0 + n) for N <= kTiledMaxN, binned in two steps
 // so that the counters stay in L1 while they are incremented: add() writes the rows' bin indices
 // (as tile offsets, one row after another: sequential stores) while the rows are still in cache
@@ -472,6 +483,7 @@ struct ChannelTiles {
   int64_t width;  // buffer entries per row: tile_row_width(n)
   int64_t cap;    // rows the buffer holds (at least 8)
   int64_t held = 0;
+  bool scattered = false;  // scatter() ran (with rows held) since construction
 
   ChannelTiles(const in_t* base_, const calibfast::Layout& L_, int64_t c0_, int64_t n_,
                const Slot<typename Ld::acc_t>& s_)
@@ -493,25 +505,34 @@ struct ChannelTiles {
     }
   }
 
-  void scatter() {
+  // Scatters the buffered rows. last: the task has no more rows for these channels. When this
+  // is the task's only scatter and no other task bins its channels (Slot::own_channels), each
+  // tile's counters are complete once scattered: they are added into the op's state right away,
+  // from L1, and cleared, and every tile reuses the first tile's counters. Otherwise each channel's
+  // counters wait for the flush, which reads them back from memory: with few rows and many channels
+  // (256 x 65536, 2 threads) that read was a quarter of the call.
+  void scatter(bool last = false) {
     if (held == 0) return;
     static_assert(std::endian::native == std::endian::little, "four indices per 64-bit word, low one first");
     const int64_t S = s.cblock();
     const int64_t rows = held, w = width;  // (locals: the stores to h may alias the members)
+    const bool direct = last && !scattered && s.own_channels;
+    scattered = true;
     for (int64_t t0 = 0; t0 < n; t0 += kCTile) {
       const uint16_t* __restrict__ ix = s.cidx + t0;
-      int32_t* __restrict__ h = s.csub + (c0 + t0) * S;
+      int32_t* __restrict__ h = s.csub + (direct ? c0 : c0 + t0) * S;
       int32_t* __restrict__ hb = h - 1;  // (the offsets' bias)
       const int64_t m = std::min(kCTile, n - t0);
       if (m < kCTile) {
         for (int64_t r = 0; r < rows; ++r)
           for (int64_t j = 0; j < m; ++j) hb[ix[r * w + j]] += 1;
+        if (direct) drain_tile(h, m, S, s.N, s.chist_out + (c0 + t0) * s.N);
         continue;
       }
       // the next tile's counters, fetched from L3 while this tile's increments run (the
-      // increments' own loads would miss one at a time)
+      // increments' own loads would miss one at a time); direct: the same counters again
       const char* next = reinterpret_cast<const char*>(h + kCTile * S);
-      const int64_t next_lines = t0 + kCTile < n ? kCTile * S * int64_t(sizeof(int32_t)) / 64 : 0;
+      const int64_t next_lines = t0 + kCTile < n && !direct ? kCTile * S * int64_t(sizeof(int32_t)) / 64 : 0;
       const int64_t per_row = (next_lines + rows - 1) / rows;  // lines prefetched a row
       int64_t line = 0;
       for (int64_t r = 0; r < rows; ++r) {
@@ -529,8 +550,9 @@ struct ChannelTiles {
           hb[v >> 48] += 1;
         }
       }
+      if (direct) drain_tile(h, kCTile, S, s.N, s.chist_out + (c0 + t0) * s.N);
     }
-    s.touched(c0, c0 + n);
+    if (!direct) s.touched(c0, c0 + n);
     s.note_binned(held * n);
     held = 0;
   }
@@ -874,7 +896,7 @@ static void rows_range(const typename Ld::in_t* base, const calibfast::Layout& L
       c = e;
     }
   }
-  if (tiles) tiles->scatter();
+  if (tiles) tiles->scatter(true);
 }
 
 // ---- run kernels: one channel's contiguous run of values -------------------------------------
@@ -1379,7 +1401,7 @@ static void rows_hist_range(const typename Ld::in_t* base, const calibfast::Layo
       }
     }
   }
-  if (tiles) tiles->scatter();
+  if (tiles) tiles->scatter(true);
 }
 
 // Rows [r0, r1) x channels [c0, c0 + n): statistics and histograms, or (scratch == nullptr)
