@@ -312,6 +312,7 @@ static inline void scatter_global(const int32_t* __restrict__ idx, int64_t n, in
                                   const char* pf = nullptr, int esize = 0) {
   static_assert(kSubHists == 2, "scatter_global interleaves two copies");
   static_assert(std::endian::native == std::endian::little, "two indices per 64-bit word, low one first");
+  int32_t* __restrict__ sub2 = sub + S;  // (a base of its own: no add per index)
   int64_t c = 0;
   if (pf != nullptr) {
     // one prefetch per line, spread over the loop (bursts of them stalled it: the fill buffers)
@@ -322,7 +323,7 @@ static inline void scatter_global(const int32_t* __restrict__ idx, int64_t n, in
         uint64_t w;
         std::memcpy(&w, idx + c + 2 * k, sizeof(w));
         sub[static_cast<int32_t>(static_cast<uint32_t>(w))] += 1;
-        sub[S + static_cast<int32_t>(static_cast<uint32_t>(w >> 32))] += 1;
+        sub2[static_cast<int32_t>(static_cast<uint32_t>(w >> 32))] += 1;
       }
     }
     for (int64_t o = (c * esize + 63) / 64 * 64; o < n * esize; o += 64) __builtin_prefetch(pf + o, 0, 2);
@@ -333,7 +334,7 @@ static inline void scatter_global(const int32_t* __restrict__ idx, int64_t n, in
       uint64_t w;
       std::memcpy(&w, idx + c + 2 * k, sizeof(w));
       sub[static_cast<int32_t>(static_cast<uint32_t>(w))] += 1;  // (signed: -1 is the pad before)
-      sub[S + static_cast<int32_t>(static_cast<uint32_t>(w >> 32))] += 1;
+      sub2[static_cast<int32_t>(static_cast<uint32_t>(w >> 32))] += 1;
     }
   }
   for (; c < n; ++c) sub[idx[c]] += 1;
