@@ -301,6 +301,7 @@ constexpr int64_t kRunPrefetch = 2048;
 constexpr int64_t kRunTile = 8;  // samples whose short runs of a channel are folded together
 
 #define CALIBFAST_VECTOR_VARIANT 0
+#define CALIBFAST_WIDE_VECTORS 0  // 64-byte GCC vector types (the AVX-512 variant only)
 namespace v_base {
 #include "channel_stats_kernel.h"
 }  // namespace v_base
@@ -317,12 +318,15 @@ namespace v_avx2 {
 #pragma GCC pop_options
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+#undef CALIBFAST_WIDE_VECTORS
+#define CALIBFAST_WIDE_VECTORS 1
 namespace v_avx512 {
 #include "channel_stats_kernel.h"
 }  // namespace v_avx512
 #pragma GCC pop_options
 #endif
 #undef CALIBFAST_VECTOR_VARIANT
+#undef CALIBFAST_WIDE_VECTORS
 
 enum class Isa { kBase, kAvx2, kAvx512 };
 
