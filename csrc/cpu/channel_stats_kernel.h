@@ -699,54 +699,62 @@ typedef int32_t cf_vi8 __attribute__((vector_size(32)));
 
 static inline cf_vf8 cf_abs8(cf_vf8 v) { return reinterpret_cast<cf_vf8>(reinterpret_cast<cf_vi8>(v) & 0x7fffffff); }
 
-// The six accumulators (min, max, abs-min, sum, sum |x|, sum x^2) of 8 channels or lanes, held in
-// vector registers while values are folded, loaded from and stored back to six float arrays.
-struct Lanes8 {
-  cf_vf8 mn, mx, amn, sm, sa, sq;
+// The six accumulators (min, max, abs-min, sum, sum |x|, sum x^2) of a vector's channels or
+// lanes (VF floats, VI the integers of the same width), held in vector registers while values are
+// folded, loaded from and stored back to six float arrays.
+template <class VF, class VI>
+struct LanesV {
+  static constexpr size_t kBytes = sizeof(VF);
+  VF mn, mx, amn, sm, sa, sq;
   inline void load(const float* cmn, const float* cmx, const float* camn, const float* csum, const float* csabs,
                    const float* cssq, int64_t o) {
-    std::memcpy(&mn, cmn + o, 32);
-    std::memcpy(&mx, cmx + o, 32);
-    std::memcpy(&amn, camn + o, 32);
-    std::memcpy(&sm, csum + o, 32);
-    std::memcpy(&sa, csabs + o, 32);
-    std::memcpy(&sq, cssq + o, 32);
+    std::memcpy(&mn, cmn + o, kBytes);
+    std::memcpy(&mx, cmx + o, kBytes);
+    std::memcpy(&amn, camn + o, kBytes);
+    std::memcpy(&sm, csum + o, kBytes);
+    std::memcpy(&sa, csabs + o, kBytes);
+    std::memcpy(&sq, cssq + o, kBytes);
   }
   inline void store(float* cmn, float* cmx, float* camn, float* csum, float* csabs, float* cssq, int64_t o) const {
-    std::memcpy(cmn + o, &mn, 32);
-    std::memcpy(cmx + o, &mx, 32);
-    std::memcpy(camn + o, &amn, 32);
-    std::memcpy(csum + o, &sm, 32);
-    std::memcpy(csabs + o, &sa, 32);
-    std::memcpy(cssq + o, &sq, 32);
+    std::memcpy(cmn + o, &mn, kBytes);
+    std::memcpy(cmx + o, &mx, kBytes);
+    std::memcpy(camn + o, &amn, kBytes);
+    std::memcpy(csum + o, &sm, kBytes);
+    std::memcpy(csabs + o, &sa, kBytes);
+    std::memcpy(cssq + o, &sq, kBytes);
   }
-  inline __attribute__((always_inline)) void fold(cf_vf8 v) { fold_value(v, cf_abs8(v), mn, mx, amn, sm, sa, sq); }
+  inline __attribute__((always_inline)) void fold(VF v) {
+    fold_value(v, reinterpret_cast<VF>(reinterpret_cast<VI>(v) & 0x7fffffff), mn, mx, amn, sm, sa, sq);
+  }
 };
+using Lanes8 = LanesV<cf_vf8, cf_vi8>;
 
-// Folds R rows of 8 channels into the chunk accumulators at offset o: row i's 8 values are
-// load(i) (as floats). Shared by the bfloat16 and float16 row paths.
-template <int R, class Load>
+// Folds R rows of 8 channels (Lanes8; 16 with Lanes16) into the chunk accumulators at offset o:
+// row i's values are load(i) (as floats). Shared by the bfloat16 and float16 row paths.
+template <int R, class Load, class Lanes = Lanes8>
 static inline void fold_rows8(Load load, int64_t o, float* __restrict__ cmn, float* __restrict__ cmx,
                               float* __restrict__ camn, float* __restrict__ csum, float* __restrict__ csabs,
                               float* __restrict__ cssq) {
-  Lanes8 acc;
+  Lanes acc;
   acc.load(cmn, cmx, camn, csum, csabs, cssq, o);
 #pragma GCC unroll 8
   for (int i = 0; i < R; ++i) acc.fold(load(i));
   acc.store(cmn, cmx, camn, csum, csabs, cssq, o);
 }
 
-// The even (kOdd = 0) or odd channels of 16 at c, from 32-byte loads read as 8 pairs.
-template <int R, int kOdd>
+// The even (kOdd = 0) or odd channels of 2 L at c (L = the lanes of Lanes), from loads of 2 L
+// bfloat16 values read as L pairs.
+template <int R, int kOdd, class VU = cf_vu8, class Lanes = Lanes8>
 static inline void bf16_half(const uint16_t* const* q, int64_t c, float* cmn, float* cmx, float* camn,
                              float* csum, float* csabs, float* cssq) {
-  const cf_vu8 him = cf_vu8{} + 0xffff0000u;
+  constexpr int64_t L = sizeof(VU) / 4;
+  const VU him = VU{} + 0xffff0000u;
   auto load = [&](int i) {
-    cf_vu8 u;
-    std::memcpy(&u, q[i] + c, 32);
-    return reinterpret_cast<cf_vf8>(kOdd ? (u & him) : (u << 16));
+    VU u;
+    std::memcpy(&u, q[i] + c, sizeof(VU));
+    return reinterpret_cast<decltype(Lanes::mn)>(kOdd ? (u & him) : (u << 16));
   };
-  fold_rows8<R>(load, c + 8 * kOdd, cmn, cmx, camn, csum, csabs, cssq);
+  fold_rows8<R, decltype(load), Lanes>(load, c + L * kOdd, cmn, cmx, camn, csum, csabs, cssq);
 }
 
 #if CALIBFAST_WIDE_VECTORS
@@ -763,45 +771,7 @@ typedef int32_t cf_vi16 __attribute__((vector_size(64)));
 #define CF_SHUF16(a, b, ...) __builtin_shuffle(a, b, cf_vi16{__VA_ARGS__})
 #endif
 
-struct Lanes16 {
-  cf_vf16 mn, mx, amn, sm, sa, sq;
-  inline void load(const float* cmn, const float* cmx, const float* camn, const float* csum, const float* csabs,
-                   const float* cssq, int64_t o) {
-    std::memcpy(&mn, cmn + o, 64);
-    std::memcpy(&mx, cmx + o, 64);
-    std::memcpy(&amn, camn + o, 64);
-    std::memcpy(&sm, csum + o, 64);
-    std::memcpy(&sa, csabs + o, 64);
-    std::memcpy(&sq, cssq + o, 64);
-  }
-  inline void store(float* cmn, float* cmx, float* camn, float* csum, float* csabs, float* cssq, int64_t o) const {
-    std::memcpy(cmn + o, &mn, 64);
-    std::memcpy(cmx + o, &mx, 64);
-    std::memcpy(camn + o, &amn, 64);
-    std::memcpy(csum + o, &sm, 64);
-    std::memcpy(csabs + o, &sa, 64);
-    std::memcpy(cssq + o, &sq, 64);
-  }
-  inline __attribute__((always_inline)) void fold(cf_vf16 v) {
-    fold_value(v, reinterpret_cast<cf_vf16>(reinterpret_cast<cf_vi16>(v) & 0x7fffffff), mn, mx, amn, sm, sa, sq);
-  }
-};
-
-// The even (kOdd = 0) or odd channels of 32 at c, from 64-byte loads read as 16 pairs.
-template <int R, int kOdd>
-static inline void bf16_half16(const uint16_t* const* q, int64_t c, float* cmn, float* cmx, float* camn,
-                               float* csum, float* csabs, float* cssq) {
-  const cf_vu16 him = cf_vu16{} + 0xffff0000u;
-  Lanes16 acc;
-  acc.load(cmn, cmx, camn, csum, csabs, cssq, c + 16 * kOdd);
-#pragma GCC unroll 8
-  for (int i = 0; i < R; ++i) {
-    cf_vu16 u;
-    std::memcpy(&u, q[i] + c, 64);
-    acc.fold(reinterpret_cast<cf_vf16>(kOdd ? (u & him) : (u << 16)));
-  }
-  acc.store(cmn, cmx, camn, csum, csabs, cssq, c + 16 * kOdd);
-}
+using Lanes16 = LanesV<cf_vf16, cf_vi16>;
 #endif
 
 // Folds R rows of channels [0, m) (m a multiple of 16) into the accumulators, in pair order:
@@ -813,8 +783,8 @@ static inline void rows_pairs(const uint16_t* const* p, int64_t m, float* cmn, f
   int64_t c = 0;
 #if CALIBFAST_WIDE_VECTORS
   for (; c + 32 <= m; c += 32) {
-    bf16_half16<R, 0>(p, c, cmn, cmx, camn, csum, csabs, cssq);
-    bf16_half16<R, 1>(p, c, cmn, cmx, camn, csum, csabs, cssq);
+    bf16_half<R, 0, cf_vu16, Lanes16>(p, c, cmn, cmx, camn, csum, csabs, cssq);
+    bf16_half<R, 1, cf_vu16, Lanes16>(p, c, cmn, cmx, camn, csum, csabs, cssq);
   }
 #endif
   for (; c < m; c += 16) {
