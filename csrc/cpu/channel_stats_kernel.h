@@ -841,10 +841,22 @@ static inline cf_vf8 load8_half_strided(const uint16_t* q, int64_t cs) {
 // Folds R rows of float16 channels [0, m) (m a multiple of 8; channel stride cs, 1 when kUnit)
 // into the accumulators, 8 channels a step (channel order). With a channel stride, one conversion
 // per value (load1) left the loop scalar: ~1.4 ns a value against ~0.6 for float32 (session 10).
+// The AVX-512 variant converts contiguous rows 16 values at a time first (vcvtph2ps to a zmm).
 template <int R, bool kUnit>
 static inline void rows_halves(const uint16_t* const* q, int64_t m, int64_t cs, float* cmn, float* cmx,
                                float* camn, float* csum, float* csabs, float* cssq) {
-  for (int64_t c = 0; c < m; c += 8)
+  int64_t c = 0;
+#if CALIBFAST_WIDE_VECTORS
+  if constexpr (kUnit) {
+    for (; c + 16 <= m; c += 16) {
+      auto load16 = [&](int i) {
+        return reinterpret_cast<cf_vf16>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[i] + c))));
+      };
+      fold_rows8<R, decltype(load16), Lanes16>(load16, c, cmn, cmx, camn, csum, csabs, cssq);
+    }
+  }
+#endif
+  for (; c < m; c += 8)
     fold_rows8<R>([&](int i) { return kUnit ? load8_half(q[i] + c) : load8_half_strided(q[i] + c * cs, cs); }, c,
                   cmn, cmx, camn, csum, csabs, cssq);
 }
