@@ -24,6 +24,9 @@ Cases (times in µs unless marked):
   fewrows    per-channel histograms of many channels and few rows (session 13, v54: each tile's
              counters added into the state from L1): 256 x 65536 (also bfloat16), 600 x 2061 and 4096 x 4096 with
              2048 + 256 bins, 300 x 1029 with 2048 + 2048 bins (ms)
+  s14        session 14's A/B figures (v55-v58, Intel Xeon AVX-512 host): stats + 2048 bins on
+             4096 x 4096, 8192 x 4096 and 1728 x 384 in float32 and bfloat16; 16-bit statistics
+             alone (bins=0) on 8192 x 4096, 4096 x 4100, 2048 x 16384 and 1728 x 384 (ms; 1728 x 384 in us)
   bf16       16-bit rows (session 8, v42: bfloat16 16 channels a step as pairs; v44: float16 widened by
              F16C): 8192 x 4096, 2048 x 16384, 1728 x 384 and an odd width in bfloat16, 8192 x 4096,
              1728 x 384 and NCHW 4 x 2048 x 7 x 7 in float16, stats alone and with 2048 bins, and
@@ -63,7 +66,7 @@ def stats_case(shapes, bins_list, n_for, scale_ms=False):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("case", choices=["redo", "short", "group", "small", "observers", "hist", "chist", "bf16", "fewrows"])
+    ap.add_argument("case", choices=["redo", "short", "group", "small", "observers", "hist", "chist", "bf16", "fewrows", "s14"])
     ap.add_argument("build_dir")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
@@ -101,6 +104,18 @@ def main():
         out = stats_case([((1728, 384), -1, randn, "randn"), ((1728, 384), -1, crowded, "crowded"),
                           ((4, 256, 28, 28), 1, randn, "randn")], (0, (2048, 256)), lambda x: 30)
         out += stats_case([((8192, 4096), -1, randn, "randn")], (0, (2048, 256)), lambda x: 3, scale_ms=True)
+    elif a.case == "s14":
+        bf = lambda s: randn(s).bfloat16()  # noqa: E731
+        hf = lambda s: randn(s).half()  # noqa: E731
+        big = [((4096, 4096), -1, randn, "f32"), ((4096, 4096), -1, bf, "bf16"),
+               ((8192, 4096), -1, randn, "f32"), ((8192, 4096), -1, bf, "bf16")]
+        out = stats_case(big, (2048,), lambda x: 10, scale_ms=True)
+        out += stats_case([((1728, 384), -1, randn, "f32"), ((1728, 384), -1, bf, "bf16")], (2048,),
+                          lambda x: 200)
+        for mk, name in ((bf, "bf16"), (hf, "f16")):
+            out += stats_case([((8192, 4096), -1, mk, name), ((4096, 4100), -1, mk, name),
+                               ((2048, 16384), -1, mk, name)], (0,), lambda x: 10, scale_ms=True)
+            out += stats_case([((1728, 384), -1, mk, name)], (0,), lambda x: 200)
     elif a.case == "fewrows":
         out = stats_case([((256, 65536), -1, randn, "randn"), ((256, 65536), -1, lambda s: randn(s).bfloat16(), "bf16"),
                           ((600, 2061), -1, randn, "randn"),
