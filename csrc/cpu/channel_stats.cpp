@@ -489,9 +489,9 @@ struct Slots {
 
   Slots(const Layout& L, int n_, bool stats, int64_t B_, bool table, int64_t N_, int64_t* hist, int64_t* chist,
         bool own_channels_)
-      : C(L.channels), group(L.group), Cs(L.channels / L.group), n(n_), B(B_), N(N_), own_channels(own_channels_),
+      : C(L.channels), group(L.group), Cs(L.channels / L.group), n(n_), B(B_), N(N_),
         HB(table ? kTab : B_ + kHistPad),
-        ccopies(L.mode == Mode::kRuns && L.run >= kTwoCopiesMinRun ? 2 : 1),
+        ccopies(L.mode == Mode::kRuns && L.run >= kTwoCopiesMinRun ? 2 : 1), own_channels(own_channels_),
         hblock(B_ ? kHistPad + kSubHists * HB : 0), cblock(N_ ? kHistPad + C * ccopies * (N_ + kHistPad) : 0),
         hist_out(hist), chist_out(chist) {
     const bool rows = L.mode != Mode::kRuns;
@@ -662,7 +662,8 @@ static void run_pass(const at::Tensor& x, const Layout& L, bool stats, const Slo
   // 65536 channels that read was the larger part of the call.
   const bool chist_by_channels = L.mode != Mode::kRuns && hargs.N && nthreads > 1 && C >= kChannelSplitC &&
                                  rows <= 2 * hargs.N * nthreads;
-  Slots<acc_t> slots(L, nthreads, stats, hargs.B, hargs.table, hargs.N, hist, chist, nthreads == 1 || chist_by_channels);
+  const bool own_channels = nthreads == 1 || chist_by_channels;  // (Slot::own_channels)
+  Slots<acc_t> slots(L, nthreads, stats, hargs.B, hargs.table, hargs.N, hist, chist, own_channels);
   // Many per-channel counters and several threads: merged after the pass, split by channel.
   slots.defer_channels = nthreads > 1 && hargs.N * C >= kDeferChannelCounters;
 

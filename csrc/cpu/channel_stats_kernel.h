@@ -313,30 +313,25 @@ static inline void scatter_global(const int32_t* __restrict__ idx, int64_t n, in
   static_assert(kSubHists == 2, "scatter_global interleaves two copies");
   static_assert(std::endian::native == std::endian::little, "two indices per 64-bit word, low one first");
   int32_t* __restrict__ sub2 = sub + S;  // (a base of its own: no add per index)
-  int64_t c = 0;
-  if (pf != nullptr) {
-    // one prefetch per line, spread over the loop (bursts of them stalled it: the fill buffers)
-    for (; c + 16 <= n; c += 16) {
-      if (((c * esize) & 63) == 0) __builtin_prefetch(pf + c * esize, 0, 2);
-#pragma GCC unroll 8
-      for (int k = 0; k < 8; ++k) {
-        uint64_t w;
-        std::memcpy(&w, idx + c + 2 * k, sizeof(w));
-        sub[static_cast<int32_t>(static_cast<uint32_t>(w))] += 1;
-        sub2[static_cast<int32_t>(static_cast<uint32_t>(w >> 32))] += 1;
-      }
-    }
-    for (int64_t o = (c * esize + 63) / 64 * 64; o < n * esize; o += 64) __builtin_prefetch(pf + o, 0, 2);
-  }
-  for (; c + 8 <= n; c += 8) {
+  auto eight = [&](int64_t at) __attribute__((always_inline)) {  // indices [at, at + 8)
 #pragma GCC unroll 4
     for (int k = 0; k < 4; ++k) {
       uint64_t w;
-      std::memcpy(&w, idx + c + 2 * k, sizeof(w));
+      std::memcpy(&w, idx + at + 2 * k, sizeof(w));
       sub[static_cast<int32_t>(static_cast<uint32_t>(w))] += 1;  // (signed: -1 is the pad before)
       sub2[static_cast<int32_t>(static_cast<uint32_t>(w >> 32))] += 1;
     }
+  };
+  int64_t c = 0;
+  for (; c + 16 <= n; c += 16) {
+    // one prefetch per line, spread over the loop (bursts of them stalled it: the fill buffers)
+    if (pf != nullptr && ((c * esize) & 63) == 0) __builtin_prefetch(pf + c * esize, 0, 2);
+    eight(c);
+    eight(c + 8);
   }
+  if (pf != nullptr)
+    for (int64_t o = (c * esize + 63) / 64 * 64; o < n * esize; o += 64) __builtin_prefetch(pf + o, 0, 2);
+  for (; c + 8 <= n; c += 8) eight(c);
   for (; c < n; ++c) sub[idx[c]] += 1;
 }
 
@@ -352,29 +347,21 @@ static inline void count_patterns(const uint16_t* __restrict__ p, int64_t n, int
   static_assert(kSubHists == 2, "count_patterns interleaves two copies");
   int64_t c = 0;
   if constexpr (kUnit && std::endian::native == std::endian::little) {
-    if (pf != nullptr) {
-      for (; c + 32 <= n; c += 32) {
-        __builtin_prefetch(pf + 2 * c, 0, 2);
-#pragma GCC unroll 8
-        for (int k = 0; k < 32; k += 4) {
-          uint64_t w;
-          std::memcpy(&w, p + c + k, sizeof(w));
-          tab[w & 0x7fffu] += 1;
-          tab[kTab + ((w >> 16) & 0x7fffu)] += 1;
-          tab[(w >> 32) & 0x7fffu] += 1;
-          tab[kTab + ((w >> 48) & 0x7fffu)] += 1;
-        }
-      }
-      if (c < n) __builtin_prefetch(pf + 2 * c, 0, 2);
-    }
-    for (; c + 4 <= n; c += 4) {
+    auto four = [&](int64_t at) __attribute__((always_inline)) {  // values [at, at + 4)
       uint64_t w;
-      std::memcpy(&w, p + c, sizeof(w));  // little-endian: value c in the low 16 bits
+      std::memcpy(&w, p + at, sizeof(w));  // little-endian: value at in the low 16 bits
       tab[w & 0x7fffu] += 1;
       tab[kTab + ((w >> 16) & 0x7fffu)] += 1;
       tab[(w >> 32) & 0x7fffu] += 1;
       tab[kTab + ((w >> 48) & 0x7fffu)] += 1;
+    };
+    for (; c + 32 <= n; c += 32) {
+      if (pf != nullptr) __builtin_prefetch(pf + 2 * c, 0, 2);
+#pragma GCC unroll 8
+      for (int k = 0; k < 32; k += 4) four(c + k);
     }
+    if (pf != nullptr && c < n) __builtin_prefetch(pf + 2 * c, 0, 2);
+    for (; c + 4 <= n; c += 4) four(c);
   }
   for (; c + 2 <= n; c += 2) {
     const uint32_t u0 = p[kUnit ? c : c * cs] & 0x7fffu;
@@ -690,12 +677,14 @@ static inline void rows_fast(const typename Ld::in_t* const* p, int64_t n, int64
 typedef float cf_vf8 __attribute__((vector_size(32)));
 typedef uint32_t cf_vu8 __attribute__((vector_size(32)));
 typedef int32_t cf_vi8 __attribute__((vector_size(32)));
-// Elements of (a, b) picked by index (0-7 from a, 8-15 from b), in either compiler's spelling.
+// Elements of (a, b) picked by index (0-7 from a, 8-15 from b), in either compiler's spelling
+// (GCC's takes the indices as a vector of type I, as wide as a).
 #if defined(__clang__)
-#define CF_SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#define CF_SHUF_I(I, a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
 #else
-#define CF_SHUF(a, b, ...) __builtin_shuffle(a, b, cf_vi8{__VA_ARGS__})
+#define CF_SHUF_I(I, a, b, ...) __builtin_shuffle(a, b, I{__VA_ARGS__})
 #endif
+#define CF_SHUF(a, b, ...) CF_SHUF_I(cf_vi8, a, b, __VA_ARGS__)
 
 static inline cf_vf8 cf_abs8(cf_vf8 v) { return reinterpret_cast<cf_vf8>(reinterpret_cast<cf_vi8>(v) & 0x7fffffff); }
 
@@ -765,11 +754,7 @@ static inline void bf16_half(const uint16_t* const* q, int64_t c, float* cmn, fl
 typedef float cf_vf16 __attribute__((vector_size(64)));
 typedef uint32_t cf_vu16 __attribute__((vector_size(64)));
 typedef int32_t cf_vi16 __attribute__((vector_size(64)));
-#if defined(__clang__)
-#define CF_SHUF16(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
-#else
-#define CF_SHUF16(a, b, ...) __builtin_shuffle(a, b, cf_vi16{__VA_ARGS__})
-#endif
+#define CF_SHUF16(a, b, ...) CF_SHUF_I(cf_vi16, a, b, __VA_ARGS__)  // (0-15 from a, 16-31 from b)
 
 using Lanes16 = LanesV<cf_vf16, cf_vi16>;
 #endif
@@ -849,8 +834,11 @@ static inline void rows_halves(const uint16_t* const* q, int64_t m, int64_t cs, 
 #if CALIBFAST_WIDE_VECTORS
   if constexpr (kUnit) {
     for (; c + 16 <= m; c += 16) {
+      // (the zero-masked form with every lane on: the plain one's undefined source vector made
+      // GCC warn about an uninitialised variable inside its header)
       auto load16 = [&](int i) {
-        return reinterpret_cast<cf_vf16>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[i] + c))));
+        const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[i] + c));
+        return reinterpret_cast<cf_vf16>(_mm512_maskz_cvtph_ps(0xffff, h));
       };
       fold_rows8<R, decltype(load16), Lanes16>(load16, c, cmn, cmx, camn, csum, csabs, cssq);
     }
@@ -1481,6 +1469,7 @@ struct ShortRunsV {
 };
 #undef CF_SHUF
 #undef CF_SHUF16
+#undef CF_SHUF_I
 #endif
 
 // ---- entry points ------------------------------------------------------------------------------
