@@ -443,10 +443,13 @@ def test_per_channel_tiles_added_from_l1_match_reference_and_oracle(threads, dty
         torch.set_num_threads(old)
 
 
-# Rows of at least 4 MiB a task (kPrefetchMinBytes) prefetch their next 8 rows while the global
+# Rows of at least 256 KiB a task (kPrefetchMinBytes) prefetch their next 8 rows while the global
 # histogram's scatter runs, through their own loops (16 values a step, bfloat16 / float16 patterns
-# 32 a step): widths that leave tails of both, rows not a multiple of 8, rows of a 3-d view.
+# 32 a step): widths that leave tails of both, rows not a multiple of 8, rows of a 3-d view; the
+# two small ones just over the gate on one thread and under it on two.
 PREFETCH_LAYOUTS = [
+    ((100, 1031), -1, torch.float32),
+    ((170, 1031), -1, torch.bfloat16),
     ((1100, 2053), -1, torch.float32),
     ((2, 601, 2053), -1, torch.float32),
     ((2100, 2053), -1, torch.bfloat16),

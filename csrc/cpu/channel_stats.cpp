@@ -49,9 +49,13 @@ constexpr int64_t kHistPad = 16;
 // 16 KB of indices, pushed the counters out).
 constexpr int64_t kIdxBlock = 1024;
 // A task's rows of at least this many bytes prefetch their next 8 rows into L2 while the global
-// histogram's scatter runs (rows_range). Smaller ones are mostly in L2 already (MiniLM's 1728 x 384
-// float32, 1.3 MB a thread): there the prefetches cost ~5%.
-constexpr int64_t kPrefetchMinBytes = int64_t(4) << 20;
+// histogram's scatter runs (rows_range). Session 14 (Xeon) gated it at 4 MiB: MiniLM's 1728 x 384
+// float32 (1.3 MB a thread) looked ~5% slower with the prefetches when the input was in cache.
+// Inside a forward pass, though, a hook's input has usually left the cache: session 15 (AMD,
+// 512 KB of L2), MiniLM's calibration pass, time in the op 12% lower with this 256 KiB gate than
+// with 4 MiB (paired passes, quartiles 1.04-1.17), and no change on inputs rewritten just before
+// each call (2048 x 384, 2048 x 1536: 0.997-1.003).
+constexpr int64_t kPrefetchMinBytes = int64_t(256) << 10;
 constexpr int64_t kTileC = 128; // channels per tile of the per-channel histogram pass (N > kTiledMaxN)
 // Per-channel histograms of rows (session 9, ChannelTiles): the bin indices of many rows are
 // buffered as uint16 offsets into the counters of their tile of kCTile channels, then scattered a
