@@ -20,8 +20,8 @@ build once, and run
 Python's `os.environ[...] = v` calls putenv, so the kernel sees the new value at its next call.
 Remove the switch before committing: it is a measuring device, not a feature.
 
-Each case is SHAPExCHANNELS:CHANNEL_BINS:DTYPE:DATA with DATA "randn" or "crowded" (channel 7 64x
-the rest, so that most values fall in the lowest bins, as in MiniLM's activations); the global
+Each case is SHAPExCHANNELS:CHANNEL_BINS:DTYPE:DATA with DATA "randn" or "crowded" (`ab_builds.crowd`:
+one channel 64x the rest, so that most values fall in the lowest bins, as in MiniLM's activations); the global
 histogram has --bins bins. --touch rewrites the input before each call (x.mul_(1): the values stay
 the same), as a forward pass leaves a freshly written activation in the cache.
 
@@ -35,6 +35,8 @@ import os
 import time
 
 import torch
+
+from ab_builds import crowd
 
 
 def parse_case(spec):
@@ -82,7 +84,7 @@ def main(argv=None):
         g = torch.Generator().manual_seed(0)
         x = torch.randn(shape, generator=g)
         if data == "crowded":
-            x[..., 7] *= 64
+            crowd(x)
         x = x.to(dt)
         stats = ChannelStats(axis=-1, bins=args.bins, channel_bins=cb)
         stats.update(x)  # the range set, the buffers allocated
@@ -105,7 +107,7 @@ def main(argv=None):
         base = args.values[0]
         parts = []
         for v in args.values:
-            lo, med, _ = quartiles(times[v])
+            _, med, _ = quartiles(times[v])
             cell = f"{args.var}={v}: min {min(times[v]):.3f} med {med:.3f} ms"
             if v != base:
                 q1, qm, q3 = quartiles([b / t for b, t in zip(times[base], times[v])])
