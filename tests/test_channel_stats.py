@@ -270,6 +270,36 @@ def test_wide_rows_are_folded_in_channel_blocks_exactly(threads, dtype):
         torch.set_num_threads(old)
 
 
+@pytest.mark.parametrize("capability", ["avx2", "avx512"])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype,shape", [(torch.float32, (100, 1031)), (torch.float32, (2, 300, 1040)),
+                                         (torch.bfloat16, (170, 1031)), (torch.bfloat16, (300, 2080)),
+                                         (torch.float16, (170, 1031)), (torch.float16, (2, 150, 2056))], ids=str)
+def test_statistics_read_ahead_from_memory_equal_the_generic_loop(monkeypatch, capability, threads, dtype, shape):
+    """Statistics alone (bins=0) of a task of at least 256 KiB (unit channel stride) read each row 256 values
+    ahead of the fold (the CPU kernel's kStatsPrefetchValues; float32 then folds 16 channels a step
+    in its own loop). The first shape of each dtype is over that size on one thread and under it
+    on two, the second over it on both; C % 16 leaves a tail for the generic loop (1031, 2056). Min, max, abs-min,
+    sums and counts identical to the baseline variant's, with NaN, +-Inf and huge values planted,
+    and against the reference."""
+    if not native_on("cpu"):
+        pytest.skip("no native CPU kernel")
+    monkeypatch.setenv("CALIBFAST_CPU_CAPABILITY", capability)
+    if calibfast.cpu_capability() != capability:
+        pytest.skip(f"the processor has no {capability}")
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = _special(_make(shape, dtype, "cpu", kind="heavy"))
+        x.view(-1, shape[-1])[::7, -1] = float("nan")  # the last channel, in the tail or the last step
+        run = lambda: ChannelStats(bins=0).update(x).update(x * 3)  # noqa: E731
+        got = run()
+        assert_stats_match(got, ChannelStats(bins=0, backend="reference").update(x).update(x * 3), dtype)
+        _on_the_baseline_variant_identically(monkeypatch, got, run)
+    finally:
+        torch.set_num_threads(old)
+
+
 @pytest.mark.parametrize("dtype,rows,C", [(torch.float32, 65539, 64), (torch.bfloat16, 37459, 224)], ids=str)
 def test_few_channels_from_memory_use_long_virtual_rows_exactly(dtype, rows, C):
     """Inputs of 16 MB or more with few channels are read as virtual rows of >= 4096 values (the

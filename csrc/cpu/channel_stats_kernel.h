@@ -713,7 +713,35 @@ struct LanesV {
     std::memcpy(cssq + o, &sq, kBytes);
   }
   inline __attribute__((always_inline)) void fold(VF v) {
-    fold_value(v, reinterpret_cast<VF>(reinterpret_cast<VI>(v) & 0x7fffffff), mn, mx, amn, sm, sa, sq);
+    const VF a = reinterpret_cast<VF>(reinterpret_cast<VI>(v) & 0x7fffffff);
+    // fold_value's selects spelled as vminps / vmaxps, whose semantics they are (the first operand
+    // when it compares less / greater, else the second; NaN included). Left to itself, GCC made the
+    // abs-min in the AVX-512 variant a compare into a mask register and a masked AND: a chain of
+    // two instructions per row, which held the bfloat16 and float16 statistics back (session 16).
+#if CALIBFAST_WIDE_VECTORS
+    if constexpr (sizeof(VF) == 64) {
+      // (the merge-masked form with every lane on, which compiles to the plain instruction: the
+      // plain intrinsic's undefined source vector made GCC warn inside its header)
+      const __m512 v5 = reinterpret_cast<__m512>(v), a5 = reinterpret_cast<__m512>(a);
+      mn = reinterpret_cast<VF>(_mm512_mask_min_ps(v5, 0xffff, v5, reinterpret_cast<__m512>(mn)));
+      mx = reinterpret_cast<VF>(_mm512_mask_max_ps(v5, 0xffff, v5, reinterpret_cast<__m512>(mx)));
+      amn = reinterpret_cast<VF>(_mm512_mask_min_ps(a5, 0xffff, a5, reinterpret_cast<__m512>(amn)));
+      sm += v;
+      sa += a;
+      sq += v * v;
+      return;
+    }
+#endif
+    if constexpr (sizeof(VF) == 32) {
+      mn = reinterpret_cast<VF>(_mm256_min_ps(reinterpret_cast<__m256>(v), reinterpret_cast<__m256>(mn)));
+      mx = reinterpret_cast<VF>(_mm256_max_ps(reinterpret_cast<__m256>(v), reinterpret_cast<__m256>(mx)));
+      amn = reinterpret_cast<VF>(_mm256_min_ps(reinterpret_cast<__m256>(a), reinterpret_cast<__m256>(amn)));
+      sm += v;
+      sa += a;
+      sq += v * v;
+      return;
+    }
+    static_assert(sizeof(VF) == 32 || sizeof(VF) == 64, "LanesV: 8 or 16 float lanes");
   }
 };
 using Lanes8 = LanesV<cf_vf8, cf_vi8>;
@@ -762,19 +790,59 @@ using Lanes16 = LanesV<cf_vf16, cf_vi16>;
 // Folds R rows of channels [0, m) (m a multiple of 16) into the accumulators, in pair order:
 // blocks of 32 channels first where the variant has them (CALIBFAST_WIDE_VECTORS), then of 16.
 // unpair() walks the same blocks.
-template <int R>
+template <int R, bool kPf = false>
 static inline void rows_pairs(const uint16_t* const* p, int64_t m, float* cmn, float* cmx, float* camn,
-                              float* csum, float* csabs, float* cssq) {
+                              float* csum, float* csabs, float* cssq, int64_t pf_dist = 0) {
   int64_t c = 0;
 #if CALIBFAST_WIDE_VECTORS
   for (; c + 32 <= m; c += 32) {
+    if constexpr (kPf) {
+#pragma GCC unroll 8
+      for (int i = 0; i < R; ++i) __builtin_prefetch(p[i] + c + pf_dist, 0, 3);
+    }
     bf16_half<R, 0, cf_vu16, Lanes16>(p, c, cmn, cmx, camn, csum, csabs, cssq);
     bf16_half<R, 1, cf_vu16, Lanes16>(p, c, cmn, cmx, camn, csum, csabs, cssq);
   }
 #endif
   for (; c < m; c += 16) {
+    if constexpr (kPf) {
+      if (c % 32 == 0) {
+#pragma GCC unroll 8
+        for (int i = 0; i < R; ++i) __builtin_prefetch(p[i] + c + pf_dist, 0, 3);
+      }
+    }
     bf16_half<R, 0>(p, c, cmn, cmx, camn, csum, csabs, cssq);
     bf16_half<R, 1>(p, c, cmn, cmx, camn, csum, csabs, cssq);
+  }
+}
+
+// float32 rows with unit channel stride, 16 channels a step (a 64-byte line of each row), each
+// row's line pf_dist values ahead prefetched (only the large inputs: see rows_range); m a multiple
+// of 16. The same operations in the same order per value as rows_fast.
+template <int R>
+static inline void rows_f32_pf(const float* const* p, int64_t m, float* cmn, float* cmx, float* camn, float* csum,
+                               float* csabs, float* cssq, int64_t pf_dist) {
+  for (int64_t c = 0; c < m; c += 16) {
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) __builtin_prefetch(p[i] + c + pf_dist, 0, 3);
+#if CALIBFAST_WIDE_VECTORS
+    auto load16 = [&](int i) {
+      cf_vf16 v;
+      std::memcpy(&v, p[i] + c, 64);
+      return v;
+    };
+    fold_rows8<R, decltype(load16), Lanes16>(load16, c, cmn, cmx, camn, csum, csabs, cssq);
+#else
+#pragma GCC unroll 2
+    for (int h = 0; h < 16; h += 8)
+      fold_rows8<R>(
+          [&](int i) {
+            cf_vf8 v;
+            std::memcpy(&v, p[i] + c + h, 32);
+            return v;
+          },
+          c + h, cmn, cmx, camn, csum, csabs, cssq);
+#endif
   }
 }
 
@@ -827,13 +895,19 @@ static inline cf_vf8 load8_half_strided(const uint16_t* q, int64_t cs) {
 // into the accumulators, 8 channels a step (channel order). With a channel stride, one conversion
 // per value (load1) left the loop scalar: ~1.4 ns a value against ~0.6 for float32 (session 10).
 // The AVX-512 variant converts contiguous rows 16 values at a time first (vcvtph2ps to a zmm).
-template <int R, bool kUnit>
+template <int R, bool kUnit, bool kPf = false>
 static inline void rows_halves(const uint16_t* const* q, int64_t m, int64_t cs, float* cmn, float* cmx,
-                               float* camn, float* csum, float* csabs, float* cssq) {
+                               float* camn, float* csum, float* csabs, float* cssq, int64_t pf_dist = 0) {
   int64_t c = 0;
 #if CALIBFAST_WIDE_VECTORS
   if constexpr (kUnit) {
     for (; c + 16 <= m; c += 16) {
+      if constexpr (kPf) {
+        if (c % 32 == 0) {
+#pragma GCC unroll 8
+          for (int i = 0; i < R; ++i) __builtin_prefetch(q[i] + c + pf_dist, 0, 3);
+        }
+      }
       // (the zero-masked form with every lane on: the plain one's undefined source vector made
       // GCC warn about an uninitialised variable inside its header)
       auto load16 = [&](int i) {
@@ -844,9 +918,16 @@ static inline void rows_halves(const uint16_t* const* q, int64_t m, int64_t cs, 
     }
   }
 #endif
-  for (; c < m; c += 8)
+  for (; c < m; c += 8) {
+    if constexpr (kPf && kUnit) {
+      if (c % 32 == 0) {
+#pragma GCC unroll 8
+        for (int i = 0; i < R; ++i) __builtin_prefetch(q[i] + c + pf_dist, 0, 3);
+      }
+    }
     fold_rows8<R>([&](int i) { return kUnit ? load8_half(q[i] + c) : load8_half_strided(q[i] + c * cs, cs); }, c,
                   cmn, cmx, camn, csum, csabs, cssq);
+  }
 }
 #endif
 #endif
@@ -910,6 +991,10 @@ static void rows_range(const typename Ld::in_t* base, const calibfast::Layout& L
   acc_t* cssq = scratch + 5 * n;
   std::optional<ChannelTiles<Ld, kUnit>> tiles;
   if (s.N && s.cidx != nullptr) tiles.emplace(base, L, c0, n, s);
+  // The statistics alone of a large task read each row kStatsPrefetchValues ahead (with the
+  // global histogram, the scatter prefetches the next 8 rows instead: below).
+  const bool stats_pf = kUnit && !s.B && (r1 - r0) * n * int64_t(sizeof(in_t)) >= kPrefetchMinBytes;
+  [[maybe_unused]] constexpr int64_t pf_dist = kStatsPrefetchValues;
   for (int64_t rc = r0; rc < r1; rc += kChunk) {
     const int64_t re = std::min(r1, rc + kChunk);
     init_chunk(n, cmn, cmx, camn, csum, csabs, cssq);
@@ -918,18 +1003,30 @@ static void rows_range(const typename Ld::in_t* base, const calibfast::Layout& L
     // bfloat16 with unit channel stride: the first m channels by rows_pairs (pair order until
     // unpair below), the rest (n % 16) by rows_fast.
     // float16 (with F16C; any channel stride): the first m = n - n % 8 by rows_halves.
+    // float32 with unit channel stride, when the statistics read ahead: the first n - n % 16 by
+    // rows_f32_pf (otherwise by rows_fast, which GCC vectorises).
     constexpr bool kPairs = CALIBFAST_VECTOR_VARIANT && kUnit && std::is_same<Ld, LoadBF16>::value;
     constexpr bool kHalves = CALIBFAST_VECTOR_VARIANT && CALIBFAST_F16C && std::is_same<Ld, LoadF16>::value;
-    const int64_t m = kPairs ? n / 16 * 16 : kHalves ? n / 8 * 8 : 0;
+    constexpr bool kF32 = CALIBFAST_VECTOR_VARIANT && kUnit && std::is_same<Ld, LoadF32>::value;
+    const int64_t m = kPairs ? n / 16 * 16 : kHalves ? n / 8 * 8 : (kF32 && stats_pf) ? n / 16 * 16 : 0;
     auto fold_rows = [&](auto rows) {
       constexpr int R = decltype(rows)::value;
 #if CALIBFAST_VECTOR_VARIANT  // (rows_pairs / rows_halves exist only there)
       if constexpr (kPairs) {
-        if (m) rows_pairs<R>(p, m, cmn, cmx, camn, csum, csabs, cssq);
+        if (m) {
+          if (stats_pf) rows_pairs<R, true>(p, m, cmn, cmx, camn, csum, csabs, cssq, pf_dist);
+          else rows_pairs<R>(p, m, cmn, cmx, camn, csum, csabs, cssq);
+        }
+      }
+      if constexpr (kF32) {
+        if (m) rows_f32_pf<R>(p, m, cmn, cmx, camn, csum, csabs, cssq, pf_dist);
       }
 #if CALIBFAST_F16C
       if constexpr (kHalves) {
-        if (m) rows_halves<R, kUnit>(p, m, cs, cmn, cmx, camn, csum, csabs, cssq);
+        if (m) {
+          if (stats_pf) rows_halves<R, kUnit, true>(p, m, cs, cmn, cmx, camn, csum, csabs, cssq, pf_dist);
+          else rows_halves<R, kUnit>(p, m, cs, cmn, cmx, camn, csum, csabs, cssq);
+        }
       }
 #endif
 #endif
