@@ -68,6 +68,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads; 1 times by process time")
     ap.add_argument("--pairs", type=int, default=40, help="rounds; each calls every value once, order rotated")
     ap.add_argument("--touch", action="store_true", help="rewrite the input before each call")
+    ap.add_argument("--axis", type=int, default=-1, help="the channel axis (1: NCHW)")
     args = ap.parse_args(argv)
     if len(args.values) < 2:
         raise SystemExit("--values needs at least two values (the baseline first)")
@@ -86,7 +87,7 @@ def main(argv=None):
         if data == "crowded":
             crowd(x)
         x = x.to(dt)
-        stats = ChannelStats(axis=-1, bins=args.bins, channel_bins=cb)
+        stats = ChannelStats(axis=args.axis, bins=args.bins, channel_bins=cb)
         stats.update(x)  # the range set, the buffers allocated
         reps = max(1, int(2e6 // x.numel()))  # small tensors: several calls a sample
         times = {v: [] for v in args.values}

@@ -166,13 +166,14 @@ def test_every_cpu_instruction_set(monkeypatch, capability, dtype, shape, axis, 
     assert_stats_match(ChannelStats(axis=axis).update(x), _ref_state(x, axis), dtype)
 
 
-def _use_the_avx2_variant(monkeypatch):
-    """Runs the rest of the test on the AVX2 variant of the CPU kernel (skips without one)."""
+def _use_the_avx2_variant(monkeypatch, capability="avx2"):
+    """Runs the rest of the test on the AVX2 (or the given) variant of the CPU kernel (skips when
+    the processor has not got it)."""
     if not native_on("cpu"):
         pytest.skip("no native CPU kernel")
-    monkeypatch.setenv("CALIBFAST_CPU_CAPABILITY", "avx2")
-    if calibfast.cpu_capability() == "base":
-        pytest.skip("the processor has no AVX2")
+    monkeypatch.setenv("CALIBFAST_CPU_CAPABILITY", capability)
+    if calibfast.cpu_capability() != capability:
+        pytest.skip(f"the processor has no {capability}")
 
 
 def _on_the_baseline_variant_identically(monkeypatch, got, run, extra=()):
@@ -206,16 +207,18 @@ def test_bfloat16_rows_sixteen_channels_a_step_equal_the_generic_loop(monkeypatc
     assert_stats_match(got, _ref_state(x, -1).update(x[: max(1, rows // 3)] * 2), torch.bfloat16)
 
 
+@pytest.mark.parametrize("capability", ["avx2", "avx512"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", [(2, 3, 23, 29), (1, 2, 32, 32), (3, 2, 64, 65), (1, 1, 1, 5000)], ids=str)
-def test_long_runs_equal_the_generic_loop(monkeypatch, dtype, shape):
-    """NCHW maps of over 512 values are folded run by run into 16 lanes (value i into lane i % 16).
-    The AVX2 / AVX-512 variants fold bfloat16 and float16 runs in two passes of 8 lanes (vector
-    registers; float16 widened by F16C), the baseline variant lane by lane: the same values reach
+def test_long_runs_equal_the_generic_loop(monkeypatch, capability, dtype, shape):
+    """NCHW maps of over 512 values are folded run by run into 16 lanes (value i into lane i % 16),
+    a block of 1024 values at a time. The AVX2 variant folds bfloat16 and float16 runs in two
+    passes of 8 lanes (vector registers; float16 widened by F16C), the AVX-512 variant in one pass
+    of 16 and two full blocks together; the baseline variant lane by lane: the same values reach
     the same lanes in the same order, so min, max, abs-min, sums and counts are identical (sum x^2
-    may differ by the baseline's unfused multiply-add), with NaN and +-Inf in a block, partial
-    blocks of 1024 values and run tails of 1-15 values."""
-    _use_the_avx2_variant(monkeypatch)
+    may differ by the baseline's unfused multiply-add), with NaN and +-Inf in a block (the first
+    and the second of a pair), partial blocks of 1024 values and run tails of 1-15 values."""
+    _use_the_avx2_variant(monkeypatch, capability)
     g = torch.Generator().manual_seed(sum(shape))
     x = (torch.randn(shape, generator=g) * 3).to(dtype)
     flat = x.view(shape[0], shape[1], -1)
