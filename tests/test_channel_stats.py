@@ -233,15 +233,17 @@ def test_long_runs_equal_the_generic_loop(monkeypatch, capability, dtype, shape)
     assert_stats_match(got, ref, dtype)
 
 
+@pytest.mark.parametrize("capability", ["avx2", "avx512"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("rows,C,step", [(67, 300, 2), (9, 4100, 3), (130, 17, 5), (8, 8, 2)], ids=str)
-def test_float16_with_a_channel_stride_equals_the_generic_loop(monkeypatch, rows, C, step):
-    """float16 rows whose channels are not adjacent (x[:, ::step]) are widened 8 channels at a time
-    by F16C in the AVX2 / AVX-512 variants (gathered into one vector), and value by value in the
-    baseline variant: identical min, max, abs-min, sums, counts and histograms, NaN and +-Inf
-    included, and the reference's results."""
-    _use_the_avx2_variant(monkeypatch)
+def test_16bit_with_a_channel_stride_equals_the_generic_loop(monkeypatch, capability, dtype, rows, C, step):
+    """16-bit rows whose channels are not adjacent (x[:, ::step]) are gathered 8 channels at a time
+    into one vector and widened there (F16C for float16, a shift for bfloat16) in the AVX2 /
+    AVX-512 variants, and value by value in the baseline variant: identical min, max, abs-min,
+    sums, counts and histograms, NaN and +-Inf included, and the reference's results."""
+    _use_the_avx2_variant(monkeypatch, capability)
     g = torch.Generator().manual_seed(rows * 31 + C)
-    full = (torch.randn(rows, C * step, generator=g) * torch.logspace(-4, 4, C * step)).half()
+    full = (torch.randn(rows, C * step, generator=g) * torch.logspace(-4, 4, C * step)).to(dtype)
     full[rows // 2, step] = float("nan")  # channel 1
     full[0, 0] = -float("inf")
     full[rows - 1, (C - 1) * step] = float("inf")  # the last channel (past the blocks of 8 when C % 8)
@@ -251,7 +253,7 @@ def test_float16_with_a_channel_stride_equals_the_generic_loop(monkeypatch, rows
     got = run()
     _on_the_baseline_variant_identically(monkeypatch, got, run, ("hist", "channel_hist"))
     ref = ChannelStats(bins=512, channel_bins=64, backend="reference").update(x).update(x[: max(1, rows // 3)] * 2)
-    assert_stats_match(got, ref, torch.float16)
+    assert_stats_match(got, ref, dtype)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
