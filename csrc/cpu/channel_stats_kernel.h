@@ -846,6 +846,64 @@ static inline void rows_f32_pf(const float* const* p, int64_t m, float* cmn, flo
   }
 }
 
+#if CALIBFAST_WIDE_VECTORS
+// float32 rows, unit channel stride, with the global histogram (no lower bound): the statistics and
+// the bin indices of 8 rows x 16 channels a step, then the increments of the previous step's 128
+// indices, so that the fold's vector work of one step issues while the increments of the other
+// (one store each: the store port is the bound) drain. Done phased (8 rows of statistics over all
+// channels, then their histogram, as rows_range does otherwise), the two added up. The same
+// statistics, in the same order per value, and the same bin indices as rows_fast / bin_indices_impl
+// (floor(|x| * scale), B when that is not below B, -1 for NaN and Inf); returns whether an index
+// was B (a finite value left out). m: a multiple of 16.
+template <int R>
+static inline int32_t rows_f32_hist(const float* const* p, int64_t m, float* cmn, float* cmx, float* camn,
+                                    float* csum, float* csabs, float* cssq, float scale, int64_t B,
+                                    int32_t* __restrict__ sub, int64_t S) {
+  static_assert(kSubHists == 2, "two interleaved copies");
+  alignas(64) int32_t ring[2][R * 16];
+  int32_t* __restrict__ sub2 = sub + S;
+  const __m512 sc = _mm512_set1_ps(scale), Bf = _mm512_set1_ps(static_cast<float>(B));
+  const __m512 inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
+  const __m512i none = _mm512_set1_epi32(-1), absmask = _mm512_set1_epi32(0x7fffffff);
+  __m512i top = _mm512_setzero_si512();
+  auto increments = [&](const int32_t* idx) __attribute__((always_inline)) {  // R * 16 indices
+#pragma GCC unroll 8
+    for (int k = 0; k < R * 8; ++k) {
+      uint64_t w;  // two indices per 64-bit load, as scatter_global
+      std::memcpy(&w, idx + 2 * k, sizeof(w));
+      sub[static_cast<int32_t>(static_cast<uint32_t>(w))] += 1;
+      sub2[static_cast<int32_t>(static_cast<uint32_t>(w >> 32))] += 1;
+    }
+  };
+  int cur = 0;
+  for (int64_t c = 0; c < m; c += 16) {
+    Lanes16 acc;
+    acc.load(cmn, cmx, camn, csum, csabs, cssq, c);
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      cf_vf16 v;
+      std::memcpy(&v, p[i] + c, 64);
+      acc.fold(v);
+      const __m512 a = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(reinterpret_cast<__m512>(v)), absmask));
+      const __m512 f = _mm512_mask_min_ps(a, 0xffff, _mm512_mul_ps(a, sc), Bf);  // (f < B ? f : B)
+      __m512i b = _mm512_maskz_cvttps_epi32(0xffff, f);
+      b = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(a, inf, _CMP_LT_OQ), none, b);  // NaN, Inf: -1
+      top = _mm512_maskz_max_epi32(0xffff, top, b);
+      _mm512_store_si512(ring[cur] + i * 16, b);
+    }
+    acc.store(cmn, cmx, camn, csum, csabs, cssq, c);
+    if (c > 0) increments(ring[cur ^ 1]);
+    cur ^= 1;
+  }
+  if (m > 0) increments(ring[cur ^ 1]);
+  alignas(64) int32_t lanes[16];  // (_mm512_reduce_max_epi32's undefined vector made GCC warn)
+  _mm512_store_si512(lanes, top);
+  int32_t t = lanes[0];
+  for (int l = 1; l < 16; ++l) t = lanes[l] > t ? lanes[l] : t;
+  return t >= static_cast<int32_t>(B);
+}
+#endif
+
 // Pair order -> channel order, for the first m (a multiple of 16) accumulators of each array:
 // two vector loads, two interleaving shuffles and two stores per 16 channels.
 static inline void unpair(int64_t m, float* const* arrays) {
@@ -1026,6 +1084,12 @@ static void rows_range(const typename Ld::in_t* base, const calibfast::Layout& L
   // global histogram, the scatter prefetches the next 8 rows instead: below).
   const bool stats_pf = kUnit && !s.B && (r1 - r0) * n * int64_t(sizeof(in_t)) >= kPrefetchMinBytes;
   [[maybe_unused]] constexpr int64_t pf_dist = kStatsPrefetchValues;
+  // float32 with the global histogram (AVX-512 variant): statistics and histogram in one loop
+  // (rows_f32_hist) over the first n - n % 16 channels of every 8 rows. (Its increments do not
+  // leave the memory idle as the phased scatter did: no prefetch of the next rows.)
+  constexpr bool kFusedF32 = CALIBFAST_WIDE_VECTORS && kUnit && std::is_same<Ld, LoadF32>::value;
+  [[maybe_unused]] const bool fused = kFusedF32 && s.B && !s.table && !(s.hlo > 0);
+  [[maybe_unused]] const int64_t m16 = n / 16 * 16;
   for (int64_t rc = r0; rc < r1; rc += kChunk) {
     const int64_t re = std::min(r1, rc + kChunk);
     init_chunk(n, cmn, cmx, camn, csum, csabs, cssq);
@@ -1069,6 +1133,26 @@ static void rows_range(const typename Ld::in_t* base, const calibfast::Layout& L
     };
     for (; r + 8 <= re; r += 8) {
       for (int i = 0; i < 8; ++i) p[i] = base + L.offsets(r + i) + c0 * cs;
+#if CALIBFAST_WIDE_VECTORS
+      if constexpr (kFusedF32) {
+        if (fused) {
+          const int32_t left_out =
+              rows_f32_hist<8>(p, m16, cmn, cmx, camn, csum, csabs, cssq, s.hscale, s.B, s.hsub, s.hstride);
+          if (left_out && wants_beyond(s))
+            for (int i = 0; i < 8; ++i) keep_beyond<Ld, kUnit>(p[i], m16, cs, s);
+          s.note_binned(8 * m16);
+          if (m16 < n) {  // the last n % 16 channels: the generic loops
+            const in_t* q[8];
+            for (int i = 0; i < 8; ++i) q[i] = p[i] + m16;
+            rows_fast<Ld, 8, kUnit>(q, n - m16, cs, cmn + m16, cmx + m16, camn + m16, csum + m16, csabs + m16,
+                                    cssq + m16);
+            hist_rows<Ld, kUnit>(q, 8, n - m16, cs, s);
+          }
+          if (tiles) tiles->add(r, r + 8);
+          continue;
+        }
+      }
+#endif
       fold_rows(std::integral_constant<int, 8>{});
       // the 8 rows are still in cache: bin them now (one read of the input from memory), and
       // meanwhile fetch the next 8 rows into L2 (the scatter leaves the memory idle)
