@@ -166,9 +166,9 @@ def test_every_cpu_instruction_set(monkeypatch, capability, dtype, shape, axis, 
     assert_stats_match(ChannelStats(axis=axis).update(x), _ref_state(x, axis), dtype)
 
 
-def _use_the_avx2_variant(monkeypatch, capability="avx2"):
-    """Runs the rest of the test on the AVX2 (or the given) variant of the CPU kernel (skips when
-    the processor has not got it)."""
+def _use_the_variant(monkeypatch, capability="avx2"):
+    """Runs the rest of the test on the given variant of the CPU kernel, AVX2 by default (skips
+    when the processor has not got it)."""
     if not native_on("cpu"):
         pytest.skip("no native CPU kernel")
     monkeypatch.setenv("CALIBFAST_CPU_CAPABILITY", capability)
@@ -194,7 +194,7 @@ def test_bfloat16_rows_sixteen_channels_a_step_equal_the_generic_loop(monkeypatc
     channel a lane. Same operations in the same order per value: min, max, abs-min, sums and
     counts are identical (sum x^2 may differ by the fused multiply-add the baseline lacks), with
     NaN and +-Inf on even and odd channels, chunks of 64 rows, 8-row blocks and their tails."""
-    _use_the_avx2_variant(monkeypatch)
+    _use_the_variant(monkeypatch)
     g = torch.Generator().manual_seed(rows * 10007 + C)
     x = (torch.randn(rows, C, generator=g) * torch.logspace(-3, 3, C)).bfloat16()
     x[rows // 2, 1] = float("nan")  # odd channel
@@ -218,7 +218,7 @@ def test_long_runs_equal_the_generic_loop(monkeypatch, capability, dtype, shape)
     the same lanes in the same order, so min, max, abs-min, sums and counts are identical (sum x^2
     may differ by the baseline's unfused multiply-add), with NaN and +-Inf in a block (the first
     and the second of a pair), partial blocks of 1024 values and run tails of 1-15 values."""
-    _use_the_avx2_variant(monkeypatch, capability)
+    _use_the_variant(monkeypatch, capability)
     g = torch.Generator().manual_seed(sum(shape))
     x = (torch.randn(shape, generator=g) * 3).to(dtype)
     flat = x.view(shape[0], shape[1], -1)
@@ -241,7 +241,7 @@ def test_16bit_with_a_channel_stride_equals_the_generic_loop(monkeypatch, capabi
     into one vector and widened there (F16C for float16, a shift for bfloat16) in the AVX2 /
     AVX-512 variants, and value by value in the baseline variant: identical min, max, abs-min,
     sums, counts and histograms, NaN and +-Inf included, and the reference's results."""
-    _use_the_avx2_variant(monkeypatch, capability)
+    _use_the_variant(monkeypatch, capability)
     g = torch.Generator().manual_seed(rows * 31 + C)
     full = (torch.randn(rows, C * step, generator=g) * torch.logspace(-4, 4, C * step)).to(dtype)
     full[rows // 2, step] = float("nan")  # channel 1
@@ -281,17 +281,13 @@ def test_wide_rows_are_folded_in_channel_blocks_exactly(threads, dtype):
                                          (torch.bfloat16, (170, 1031)), (torch.bfloat16, (300, 2080)),
                                          (torch.float16, (170, 1031)), (torch.float16, (2, 150, 2056))], ids=str)
 def test_statistics_read_ahead_from_memory_equal_the_generic_loop(monkeypatch, capability, threads, dtype, shape):
-    """Statistics alone (bins=0) of a task of at least 256 KiB (unit channel stride) read each row 256 values
-    ahead of the fold (the CPU kernel's kStatsPrefetchValues; float32 then folds 16 channels a step
-    in its own loop). The first shape of each dtype is over that size on one thread and under it
-    on two, the second over it on both; C % 16 leaves a tail for the generic loop (1031, 2056). Min, max, abs-min,
-    sums and counts identical to the baseline variant's, with NaN, +-Inf and huge values planted,
-    and against the reference."""
-    if not native_on("cpu"):
-        pytest.skip("no native CPU kernel")
-    monkeypatch.setenv("CALIBFAST_CPU_CAPABILITY", capability)
-    if calibfast.cpu_capability() != capability:
-        pytest.skip(f"the processor has no {capability}")
+    """Statistics alone (bins=0) of a task of at least 256 KiB (unit channel stride) read each row
+    256 values ahead of the fold (the CPU kernel's kStatsPrefetchValues; float32 then folds 16
+    channels a step in its own loop). The first shape of each dtype is over that size on one
+    thread and under it on two, the second over it on both; C % 16 leaves a tail for the generic
+    loop (1031, 2056). Min, max, abs-min, sums and counts identical to the baseline variant's,
+    with NaN, +-Inf and huge values planted, and against the reference."""
+    _use_the_variant(monkeypatch, capability)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

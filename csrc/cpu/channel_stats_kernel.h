@@ -718,6 +718,7 @@ struct LanesV {
     // when it compares less / greater, else the second; NaN included). Left to itself, GCC made the
     // abs-min in the AVX-512 variant a compare into a mask register and a masked AND: a chain of
     // two instructions per row, which held the bfloat16 and float16 statistics back (session 16).
+    static_assert(sizeof(VF) == 32 || sizeof(VF) == 64, "LanesV: 8 or 16 float lanes");
 #if CALIBFAST_WIDE_VECTORS
     if constexpr (sizeof(VF) == 64) {
       // (the merge-masked form with every lane on, which compiles to the plain instruction: the
@@ -726,22 +727,16 @@ struct LanesV {
       mn = reinterpret_cast<VF>(_mm512_mask_min_ps(v5, 0xffff, v5, reinterpret_cast<__m512>(mn)));
       mx = reinterpret_cast<VF>(_mm512_mask_max_ps(v5, 0xffff, v5, reinterpret_cast<__m512>(mx)));
       amn = reinterpret_cast<VF>(_mm512_mask_min_ps(a5, 0xffff, a5, reinterpret_cast<__m512>(amn)));
-      sm += v;
-      sa += a;
-      sq += v * v;
-      return;
     }
 #endif
     if constexpr (sizeof(VF) == 32) {
       mn = reinterpret_cast<VF>(_mm256_min_ps(reinterpret_cast<__m256>(v), reinterpret_cast<__m256>(mn)));
       mx = reinterpret_cast<VF>(_mm256_max_ps(reinterpret_cast<__m256>(v), reinterpret_cast<__m256>(mx)));
       amn = reinterpret_cast<VF>(_mm256_min_ps(reinterpret_cast<__m256>(a), reinterpret_cast<__m256>(amn)));
-      sm += v;
-      sa += a;
-      sq += v * v;
-      return;
     }
-    static_assert(sizeof(VF) == 32 || sizeof(VF) == 64, "LanesV: 8 or 16 float lanes");
+    sm += v;
+    sa += a;
+    sq += v * v;
   }
 };
 using Lanes8 = LanesV<cf_vf8, cf_vi8>;
@@ -787,6 +782,13 @@ typedef int32_t cf_vi16 __attribute__((vector_size(64)));
 using Lanes16 = LanesV<cf_vf16, cf_vi16>;
 #endif
 
+// Prefetches each of R rows at value offset o (one line of each; into L1).
+template <int R, class T>
+static inline __attribute__((always_inline)) void prefetch_rows(const T* const* p, int64_t o) {
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i) __builtin_prefetch(p[i] + o, 0, 3);
+}
+
 // Folds R rows of channels [0, m) (m a multiple of 16) into the accumulators, in pair order:
 // blocks of 32 channels first where the variant has them (CALIBFAST_WIDE_VECTORS), then of 16.
 // unpair() walks the same blocks.
@@ -796,20 +798,14 @@ static inline void rows_pairs(const uint16_t* const* p, int64_t m, float* cmn, f
   int64_t c = 0;
 #if CALIBFAST_WIDE_VECTORS
   for (; c + 32 <= m; c += 32) {
-    if constexpr (kPf) {
-#pragma GCC unroll 8
-      for (int i = 0; i < R; ++i) __builtin_prefetch(p[i] + c + pf_dist, 0, 3);
-    }
+    if constexpr (kPf) prefetch_rows<R>(p, c + pf_dist);
     bf16_half<R, 0, cf_vu16, Lanes16>(p, c, cmn, cmx, camn, csum, csabs, cssq);
     bf16_half<R, 1, cf_vu16, Lanes16>(p, c, cmn, cmx, camn, csum, csabs, cssq);
   }
 #endif
   for (; c < m; c += 16) {
     if constexpr (kPf) {
-      if (c % 32 == 0) {
-#pragma GCC unroll 8
-        for (int i = 0; i < R; ++i) __builtin_prefetch(p[i] + c + pf_dist, 0, 3);
-      }
+      if (c % 32 == 0) prefetch_rows<R>(p, c + pf_dist);
     }
     bf16_half<R, 0>(p, c, cmn, cmx, camn, csum, csabs, cssq);
     bf16_half<R, 1>(p, c, cmn, cmx, camn, csum, csabs, cssq);
@@ -823,8 +819,7 @@ template <int R>
 static inline void rows_f32_pf(const float* const* p, int64_t m, float* cmn, float* cmx, float* camn, float* csum,
                                float* csabs, float* cssq, int64_t pf_dist) {
   for (int64_t c = 0; c < m; c += 16) {
-#pragma GCC unroll 8
-    for (int i = 0; i < R; ++i) __builtin_prefetch(p[i] + c + pf_dist, 0, 3);
+    prefetch_rows<R>(p, c + pf_dist);
 #if CALIBFAST_WIDE_VECTORS
     auto load16 = [&](int i) {
       cf_vf16 v;
@@ -859,22 +854,11 @@ template <int R>
 static inline int32_t rows_f32_hist(const float* const* p, int64_t m, float* cmn, float* cmx, float* camn,
                                     float* csum, float* csabs, float* cssq, float scale, int64_t B,
                                     int32_t* __restrict__ sub, int64_t S) {
-  static_assert(kSubHists == 2, "two interleaved copies");
   alignas(64) int32_t ring[2][R * 16];
-  int32_t* __restrict__ sub2 = sub + S;
   const __m512 sc = _mm512_set1_ps(scale), Bf = _mm512_set1_ps(static_cast<float>(B));
   const __m512 inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
   const __m512i none = _mm512_set1_epi32(-1), absmask = _mm512_set1_epi32(0x7fffffff);
   __m512i top = _mm512_setzero_si512();
-  auto increments = [&](const int32_t* idx) __attribute__((always_inline)) {  // R * 16 indices
-#pragma GCC unroll 8
-    for (int k = 0; k < R * 8; ++k) {
-      uint64_t w;  // two indices per 64-bit load, as scatter_global
-      std::memcpy(&w, idx + 2 * k, sizeof(w));
-      sub[static_cast<int32_t>(static_cast<uint32_t>(w))] += 1;
-      sub2[static_cast<int32_t>(static_cast<uint32_t>(w >> 32))] += 1;
-    }
-  };
   int cur = 0;
   for (int64_t c = 0; c < m; c += 16) {
     Lanes16 acc;
@@ -892,10 +876,10 @@ static inline int32_t rows_f32_hist(const float* const* p, int64_t m, float* cmn
       _mm512_store_si512(ring[cur] + i * 16, b);
     }
     acc.store(cmn, cmx, camn, csum, csabs, cssq, c);
-    if (c > 0) increments(ring[cur ^ 1]);
+    if (c > 0) scatter_global(ring[cur ^ 1], R * 16, S, sub);
     cur ^= 1;
   }
-  if (m > 0) increments(ring[cur ^ 1]);
+  if (m > 0) scatter_global(ring[cur ^ 1], R * 16, S, sub);
   alignas(64) int32_t lanes[16];  // (_mm512_reduce_max_epi32's undefined vector made GCC warn)
   _mm512_store_si512(lanes, top);
   int32_t t = lanes[0];
@@ -974,10 +958,7 @@ static inline void rows_halves(const uint16_t* const* q, int64_t m, int64_t cs, 
   if constexpr (kUnit) {
     for (; c + 16 <= m; c += 16) {
       if constexpr (kPf) {
-        if (c % 32 == 0) {
-#pragma GCC unroll 8
-          for (int i = 0; i < R; ++i) __builtin_prefetch(q[i] + c + pf_dist, 0, 3);
-        }
+        if (c % 32 == 0) prefetch_rows<R>(q, c + pf_dist);
       }
       // (the zero-masked form with every lane on: the plain one's undefined source vector made
       // GCC warn about an uninitialised variable inside its header)
@@ -991,10 +972,7 @@ static inline void rows_halves(const uint16_t* const* q, int64_t m, int64_t cs, 
 #endif
   for (; c < m; c += 8) {
     if constexpr (kPf && kUnit) {
-      if (c % 32 == 0) {
-#pragma GCC unroll 8
-        for (int i = 0; i < R; ++i) __builtin_prefetch(q[i] + c + pf_dist, 0, 3);
-      }
+      if (c % 32 == 0) prefetch_rows<R>(q, c + pf_dist);
     }
     fold_rows8<R>(
         [&](int i) {
